@@ -1,0 +1,190 @@
+"""Torch-free configuration dataclasses for CLIP models and their preprocessing.
+
+Field names follow OpenCLIP's model JSON (`vision_cfg`, `text_cfg`, `embed_dim`, ...) so that an
+``open_clip_config.json`` or an OpenCLIP model config file maps onto these classes without renaming.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Tuple, Union
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class VisionConfig:
+    # A tuple of 4 block counts selects the ModifiedResNet tower; an int selects the ViT.
+    layers: Union[int, Tuple[int, int, int, int]] = 12
+    width: int = 768
+    head_width: int = 64
+    mlp_ratio: float = 4.0
+    patch_size: int = 16
+    image_size: int = 224
+
+    ls_init_value: Optional[float] = None  # layer scale; None disables it
+    patch_dropout: float = 0.0  # fraction of patch tokens dropped while training (FLIP)
+    attentional_pool: bool = False  # CoCa-style attentional pooler after the trunk
+    attn_pooler_queries: int = 256
+    attn_pooler_heads: int = 8
+    no_ln_pre: bool = False
+    final_ln_after_pool: bool = False  # apply ln_post to the pooled token instead of all tokens
+    pool_type: str = "tok"  # "tok" (class token), "avg" (mean of patch tokens), "none"
+    output_tokens: bool = False
+    act_kwargs: Optional[dict] = None
+    norm_kwargs: Optional[dict] = None
+
+    # Image towers from other libraries (timm), selected by an explicit name.
+    timm_model_name: Optional[str] = None
+    timm_model_pretrained: bool = False
+    timm_pool: str = "avg"
+    timm_proj: str = "linear"
+    timm_proj_bias: bool = False
+    timm_drop: float = 0.0
+    timm_drop_path: Optional[float] = None
+
+    @property
+    def is_resnet(self) -> bool:
+        return isinstance(self.layers, (tuple, list))
+
+    @property
+    def heads(self) -> int:
+        return self.width // self.head_width
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass
+class TextConfig:
+    context_length: int = 77
+    vocab_size: int = 49408
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    mlp_ratio: float = 4.0
+    ls_init_value: Optional[float] = None
+    embed_cls: bool = False
+    pad_id: int = 0
+    no_causal_mask: bool = False  # SigLIP-style bidirectional text tower
+    final_ln_after_pool: bool = False
+    # "argmax": token with the largest id (EOT in CLIP's vocabulary); "first", "last", "eos", "none".
+    pool_type: str = "argmax"
+    eos_id: int = 49407
+    proj_bias: bool = False
+    proj_type: str = "linear"  # "linear" or "none"
+    output_tokens: bool = False
+    act_kwargs: Optional[dict] = None
+    norm_kwargs: Optional[dict] = None
+
+    # Tokenizer and text towers from Hugging Face, selected by explicit names.
+    hf_tokenizer_name: Optional[str] = None
+    tokenizer_kwargs: Optional[dict] = None
+    hf_model_name: Optional[str] = None
+    hf_model_pretrained: bool = True
+    hf_proj_type: str = "mlp"
+    hf_pooler_type: str = "mean_pooler"
+
+    @property
+    def causal(self) -> bool:
+        return not self.no_causal_mask
+
+
+@dataclass
+class CLIPConfig:
+    embed_dim: int = 512
+    vision_cfg: VisionConfig = field(default_factory=VisionConfig)
+    text_cfg: TextConfig = field(default_factory=TextConfig)
+    quick_gelu: bool = False  # OpenAI's original weights were trained with QuickGELU
+    # Initial logit bias (SigLIP uses -10); None means the model has no bias parameter.
+    init_logit_bias: Optional[float] = None
+    init_logit_scale: Optional[float] = None  # log-space; None means ln(1/0.07)
+    # Keys of the text tower live at the root of the state dict (OpenAI layout) unless the text tower
+    # is "custom" (HF text towers, SigLIP), where OpenCLIP stores it under "text.".
+    custom_text: bool = False
+    cast_dtype: Optional[str] = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CLIPConfig":
+        d = dict(d)
+        vision = d.pop("vision_cfg", {}) or {}
+        text = d.pop("text_cfg", {}) or {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        # Keys of OpenCLIP's model JSON that carry no architecture for us are tolerated and dropped.
+        ignorable = {"multimodal_cfg"}
+        if unknown - ignorable:
+            raise ValueError(f"unknown CLIP config keys: {sorted(unknown - ignorable)}")
+        for k in unknown:
+            d.pop(k)
+        return cls(
+            vision_cfg=_dataclass_from_dict(VisionConfig, vision, "vision_cfg"),
+            text_cfg=_dataclass_from_dict(TextConfig, text, "text_cfg"),
+            **d,
+        )
+
+    def to_dict(self) -> dict:
+        """Config as OpenCLIP's model JSON (omitting fields equal to their defaults)."""
+        out: dict[str, Any] = {"embed_dim": self.embed_dim}
+        if self.quick_gelu:
+            out["quick_gelu"] = True
+        for name in ("init_logit_bias", "init_logit_scale", "cast_dtype"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        if self.custom_text:
+            out["custom_text"] = True
+        out["vision_cfg"] = _non_default_fields(self.vision_cfg)
+        out["text_cfg"] = _non_default_fields(self.text_cfg)
+        return out
+
+
+@dataclass
+class PreprocessConfig:
+    image_size: Union[int, Tuple[int, int]] = 224
+    mode: str = "RGB"
+    mean: Tuple[float, ...] = OPENAI_MEAN
+    std: Tuple[float, ...] = OPENAI_STD
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"  # "shortest", "longest" or "squash"
+    fill_color: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessConfig":
+        d = dict(d)
+        if "size" in d and "image_size" not in d:
+            d["image_size"] = d.pop("size")
+        return _dataclass_from_dict(cls, d, "preprocess_cfg")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["size"] = d.pop("image_size")
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+
+def _dataclass_from_dict(cls, d: dict, where: str):
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ValueError(f"unknown keys in {where}: {unknown}; known keys are {sorted(known)}")
+    d = {k: (tuple(v) if isinstance(v, list) and k in ("layers", "mean", "std", "image_size") else v)
+         for k, v in d.items()}
+    return cls(**d)
+
+
+def _non_default_fields(obj) -> dict:
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if value != default:
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def as_tuple2(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    if isinstance(size, int):
+        return (size, size)
+    return (int(size[0]), int(size[1]))
