@@ -1,1 +1,13 @@
-"""clipforge"""
+"""clipforge: train, fine-tune, convert, evaluate and use CLIP models."""
+from .config import CLIPConfig, PreprocessConfig, TextConfig, VisionConfig
+from .factory import create_model, create_model_and_transforms, get_tokenizer
+from .models.clip import CLIP
+from .models.registry import add_model_config, get_model_config, list_models
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CLIP", "CLIPConfig", "PreprocessConfig", "TextConfig", "VisionConfig",
+    "create_model", "create_model_and_transforms", "get_tokenizer",
+    "add_model_config", "get_model_config", "list_models",
+]

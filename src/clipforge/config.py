@@ -29,6 +29,7 @@ class VisionConfig:
     attn_pooler_queries: int = 256
     attn_pooler_heads: int = 8
     no_ln_pre: bool = False
+    pos_embed_type: str = "learnable"
     final_ln_after_pool: bool = False  # apply ln_post to the pooled token instead of all tokens
     pool_type: str = "tok"  # "tok" (class token), "avg" (mean of patch tokens), "none"
     output_tokens: bool = False
@@ -72,7 +73,8 @@ class TextConfig:
     final_ln_after_pool: bool = False
     # "argmax": token with the largest id (EOT in CLIP's vocabulary); "first", "last", "eos", "none".
     pool_type: str = "argmax"
-    eos_id: int = 49407
+    eos_id: int = 2  # only read by pool_type "eos"; OpenCLIP's default
+    tokenizer_mode: Optional[str] = None
     proj_bias: bool = False
     proj_type: str = "linear"  # "linear" or "none"
     output_tokens: bool = False
@@ -104,6 +106,7 @@ class CLIPConfig:
     # Keys of the text tower live at the root of the state dict (OpenAI layout) unless the text tower
     # is "custom" (HF text towers, SigLIP), where OpenCLIP stores it under "text.".
     custom_text: bool = False
+    nonscalar_logit_scale: bool = False
     cast_dtype: Optional[str] = None
 
     @classmethod
@@ -133,8 +136,9 @@ class CLIPConfig:
         for name in ("init_logit_bias", "init_logit_scale", "cast_dtype"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
-        if self.custom_text:
-            out["custom_text"] = True
+        for name in ("custom_text", "nonscalar_logit_scale"):
+            if getattr(self, name):
+                out[name] = True
         out["vision_cfg"] = _non_default_fields(self.vision_cfg)
         out["text_cfg"] = _non_default_fields(self.text_cfg)
         return out

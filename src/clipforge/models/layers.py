@@ -1,0 +1,198 @@
+"""Building blocks shared by the vision and text towers.
+
+Parameter names follow OpenAI CLIP / OpenCLIP (``attn.in_proj_weight``, ``mlp.c_fc``, ``ls_1.gamma``)
+so that their checkpoints load into these modules without renaming.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Iterable, List, Optional, Type
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 and cast back, so bf16/fp16 weights or activations stay stable."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        orig_dtype = x.dtype
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(orig_dtype)
+
+
+class QuickGELU(nn.Module):
+    """The sigmoid approximation of GELU that OpenAI's original CLIP weights were trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init_value: float = 1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(init_value * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class PatchDropout(nn.Module):
+    """Randomly keeps a subset of patch tokens while training (FLIP); the class token is always kept."""
+
+    def __init__(self, prob: float):
+        super().__init__()
+        if not 0.0 <= prob < 1.0:
+            raise ValueError(f"patch dropout probability must be in [0, 1), got {prob}")
+        self.prob = prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.prob == 0.0:
+            return x
+        cls_token, patches = x[:, :1], x[:, 1:]  # [B, 1, D], [B, N, D]
+        batch, num_patches = patches.shape[:2]
+        num_keep = max(1, int(num_patches * (1.0 - self.prob)))
+        keep = torch.randn(batch, num_patches, device=x.device).topk(num_keep, dim=-1).indices  # [B, K]
+        patches = patches.gather(1, keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))  # [B, K, D]
+        return torch.cat([cls_token, patches], dim=1)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through ``scaled_dot_product_attention``.
+
+    Weights are stored fused as ``in_proj_weight`` [3D, D] and ``out_proj`` exactly like
+    ``nn.MultiheadAttention``, which OpenAI/OpenCLIP checkpoints use.
+    """
+
+    def __init__(self, dim: int, num_heads: int, device=None, dtype=None):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim, device=device, dtype=dtype))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim, device=device, dtype=dtype))
+        self.out_proj = nn.Linear(dim, dim, device=device, dtype=dtype)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        batch, seq, dim = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, L, 3D]
+        # [B, L, 3, H, Dh] -> [3, B, H, L, Dh]
+        qkv = qkv.view(batch, seq, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        if attn_mask is not None and attn_mask.dtype != torch.bool:
+            attn_mask = attn_mask.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        out = out.transpose(1, 2).reshape(batch, seq, dim)  # [B, H, L, Dh] -> [B, L, D]
+        return self.out_proj(out)
+
+
+def mlp(width: int, hidden: int, act_layer: Callable[[], nn.Module], device=None, dtype=None) -> nn.Sequential:
+    return nn.Sequential(OrderedDict([
+        ("c_fc", nn.Linear(width, hidden, device=device, dtype=dtype)),
+        ("gelu", act_layer()),
+        ("c_proj", nn.Linear(hidden, width, device=device, dtype=dtype)),
+    ]))
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)), with optional layer scale."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, ls_init_value: Optional[float] = None,
+                 act_layer: Callable[[], nn.Module] = nn.GELU, norm_layer: Type[nn.Module] = LayerNorm,
+                 device=None, dtype=None):
+        super().__init__()
+        self.ln_1 = norm_layer(width, device=device, dtype=dtype)
+        self.attn = Attention(width, heads, device=device, dtype=dtype)
+        self.ls_1 = LayerScale(width, ls_init_value) if ls_init_value is not None else nn.Identity()
+        self.ln_2 = norm_layer(width, device=device, dtype=dtype)
+        self.mlp = mlp(width, int(width * mlp_ratio), act_layer, device=device, dtype=dtype)
+        self.ls_2 = LayerScale(width, ls_init_value) if ls_init_value is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        x = x + self.ls_1(self.attn(self.ln_1(x), attn_mask=attn_mask, is_causal=is_causal))
+        return x + self.ls_2(self.mlp(self.ln_2(x)))
+
+
+class Transformer(nn.Module):
+    """A stack of residual attention blocks on batch-first [B, L, D] tokens."""
+
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0,
+                 ls_init_value: Optional[float] = None, act_layer: Callable[[], nn.Module] = nn.GELU,
+                 norm_layer: Type[nn.Module] = LayerNorm, device=None, dtype=None):
+        super().__init__()
+        self.width = width
+        self.layers = layers
+        self.grad_checkpointing = False
+        self.resblocks = nn.ModuleList([
+            ResidualAttentionBlock(width, heads, mlp_ratio, ls_init_value, act_layer, norm_layer,
+                                   device=device, dtype=dtype)
+            for _ in range(layers)
+        ])
+
+    def init_weights(self) -> None:
+        """OpenAI's init: residual-branch outputs scaled down with depth."""
+        proj_std = (self.width ** -0.5) * ((2 * self.layers) ** -0.5)
+        attn_std = self.width ** -0.5
+        fc_std = (2 * self.width) ** -0.5
+        for block in self.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        for block in self.resblocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
+            else:
+                x = block(x, attn_mask=attn_mask, is_causal=is_causal)
+        return x
+
+
+class AttentionalPooler(nn.Module):
+    """Cross-attention from learned queries to the tower's tokens (CoCa); keys as OpenCLIP's."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int = 8, num_queries: int = 256,
+                 norm_layer: Type[nn.Module] = LayerNorm, device=None, dtype=None):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(num_queries, dim, device=device, dtype=dtype))
+        self.attn = nn.MultiheadAttention(dim, heads, kdim=context_dim, vdim=context_dim, batch_first=True,
+                                          device=device, dtype=dtype)
+        self.ln_q = norm_layer(dim, device=device, dtype=dtype)
+        self.ln_k = norm_layer(context_dim, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.ln_k(x)
+        q = self.ln_q(self.query).unsqueeze(0).expand(x.shape[0], -1, -1)  # [B, Q, D]
+        return self.attn(q, x, x, need_weights=False)[0]
+
+
+def activation(quick_gelu: bool, act_kwargs: Optional[dict] = None) -> Callable[[], nn.Module]:
+    base = QuickGELU if quick_gelu else nn.GELU
+    if act_kwargs:
+        return lambda: base(**act_kwargs)
+    return base
+
+
+def norm(norm_kwargs: Optional[dict] = None) -> Callable[..., nn.Module]:
+    if norm_kwargs:
+        return lambda dim, **kw: LayerNorm(dim, **{**norm_kwargs, **kw})
+    return LayerNorm
+
+
+def lock_groups(module: nn.Module, groups: List[Iterable[nn.Parameter]], unlocked: int) -> None:
+    """Freeze a tower, then unfreeze its last ``unlocked`` parameter groups (LiT-style locking)."""
+    for p in module.parameters():
+        p.requires_grad = False
+    if unlocked > 0:
+        for group in groups[-unlocked:]:
+            for p in group:
+                p.requires_grad = True

@@ -1,0 +1,122 @@
+"""CLIP's text tower: token + positional embedding, a transformer, final LN, pooling, projection."""
+from __future__ import annotations
+
+from typing import List, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..config import TextConfig
+from .layers import Transformer, activation, lock_groups, norm
+
+POOL_TYPES = ("argmax", "first", "last", "eos", "none")
+
+
+class TextTransformer(nn.Module):
+    def __init__(self, cfg: TextConfig, output_dim: int, quick_gelu: bool = False, device=None, dtype=None):
+        super().__init__()
+        if cfg.pool_type not in POOL_TYPES:
+            raise ValueError(f"text pool_type must be one of {POOL_TYPES}, got {cfg.pool_type!r}")
+        if cfg.embed_cls:
+            raise ValueError("text towers with an appended CLS embedding (CoCa) are not supported")
+        self.cfg = cfg
+        self.context_length = cfg.context_length
+        self.vocab_size = cfg.vocab_size
+        self.output_dim = output_dim
+        factory = dict(device=device, dtype=dtype)
+        norm_layer = norm(cfg.norm_kwargs)
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width, **factory)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width, **factory))
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.ls_init_value,
+                                       activation(quick_gelu, cfg.act_kwargs), norm_layer, **factory)
+        self.ln_final = norm_layer(cfg.width, **factory)
+        if cfg.proj_type == "none" or not output_dim:
+            self.text_projection = None
+        elif cfg.proj_bias:
+            self.text_projection = nn.Linear(cfg.width, output_dim, **factory)
+        else:
+            self.text_projection = nn.Parameter(torch.empty(cfg.width, output_dim, **factory))
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        self.transformer.init_weights()
+        proj_std = self.cfg.width ** -0.5
+        if isinstance(self.text_projection, nn.Linear):
+            nn.init.normal_(self.text_projection.weight, std=proj_std)
+            nn.init.zeros_(self.text_projection.bias)
+        elif self.text_projection is not None:
+            nn.init.normal_(self.text_projection, std=proj_std)
+
+    def _trim(self, text: torch.Tensor) -> torch.Tensor:
+        """Drop trailing positions no pooled output can see.
+
+        With a causal mask, position i only attends to positions <= i, so the EOT token's output
+        is unchanged when everything after the longest sequence's EOT is removed: exact, and far
+        cheaper for short prompts padded to 77 tokens.
+        """
+        if not self.cfg.causal or self.cfg.pool_type not in ("argmax", "first", "eos") or text.numel() == 0:
+            return text
+        if self.cfg.pool_type == "argmax":
+            last = int(text.argmax(dim=-1).max())
+        elif self.cfg.pool_type == "eos":
+            last = int((text == self.cfg.eos_id).int().argmax(dim=-1).max())
+        else:
+            last = 0
+        return text[:, : last + 1]
+
+    def forward_features(self, text: torch.Tensor) -> torch.Tensor:
+        """Token features after ``ln_final``: [B, L', D] with L' <= context length (see ``_trim``)."""
+        seq = text.shape[1]
+        if seq > self.positional_embedding.shape[0]:
+            raise ValueError(f"text has {seq} tokens but the model's context length is "
+                             f"{self.positional_embedding.shape[0]}")
+        dtype = self.transformer.resblocks[0].mlp.c_fc.weight.dtype if len(self.transformer.resblocks) else None
+        x = self.token_embedding(text)  # [B, L, D]
+        x = x + self.positional_embedding[:seq].to(x.dtype)
+        if dtype is not None:
+            x = x.to(dtype)
+        x = self.transformer(x, is_causal=self.cfg.causal)
+        return self.ln_final(x)
+
+    def pool(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        kind = self.cfg.pool_type
+        rows = torch.arange(x.shape[0], device=x.device)
+        if kind == "argmax":
+            return x[rows, text.argmax(dim=-1)]
+        if kind == "eos":
+            return x[rows, (text == self.cfg.eos_id).int().argmax(dim=-1)]
+        if kind == "first":
+            return x[:, 0]
+        if kind == "last":
+            return x[:, -1]
+        return x
+
+    def forward(self, text: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        if not self.cfg.output_tokens:
+            text = self._trim(text)
+        tokens = self.forward_features(text)
+        pooled = self.pool(tokens, text)
+        if isinstance(self.text_projection, nn.Linear):
+            pooled = self.text_projection(pooled)
+        elif self.text_projection is not None:
+            pooled = pooled @ self.text_projection
+        return (pooled, tokens) if self.cfg.output_tokens else pooled
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set:
+        return {"positional_embedding"}
+
+    def param_groups_for_lock(self) -> List[list]:
+        embed = [self.token_embedding.weight, self.positional_embedding]
+        blocks = [list(b.parameters()) for b in self.transformer.resblocks]
+        proj = self.text_projection
+        head = list(self.ln_final.parameters()) + (list(proj.parameters()) if isinstance(proj, nn.Module)
+                                                    else [proj] if proj is not None else [])
+        return [embed, *blocks, head]
+
+    def lock(self, unlocked_layers: int = 0) -> None:
+        lock_groups(self, self.param_groups_for_lock(), unlocked_layers)

@@ -1,0 +1,99 @@
+"""The ViT image tower of CLIP (OpenAI / OpenCLIP layout)."""
+from __future__ import annotations
+
+from typing import Iterable, List, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..config import VisionConfig, as_tuple2
+from .layers import AttentionalPooler, PatchDropout, Transformer, activation, lock_groups, norm
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: VisionConfig, output_dim: int, quick_gelu: bool = False, device=None, dtype=None):
+        super().__init__()
+        if cfg.pos_embed_type != "learnable":
+            raise ValueError(f"unsupported pos_embed_type {cfg.pos_embed_type!r}; clipforge supports 'learnable'")
+        if cfg.pool_type not in ("tok", "avg", "none"):
+            raise ValueError(f"vision pool_type must be 'tok', 'avg' or 'none', got {cfg.pool_type!r}")
+        self.cfg = cfg
+        self.image_size = as_tuple2(cfg.image_size)
+        self.patch_size = as_tuple2(cfg.patch_size)
+        self.grid_size = (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
+        self.output_dim = output_dim
+        width = cfg.width
+        factory = dict(device=device, dtype=dtype)
+        norm_layer = norm(cfg.norm_kwargs)
+
+        self.conv1 = nn.Conv2d(3, width, kernel_size=self.patch_size, stride=self.patch_size, bias=False, **factory)
+        scale = width ** -0.5
+        self.class_embedding = nn.Parameter(scale * torch.randn(width, **factory))
+        num_tokens = self.grid_size[0] * self.grid_size[1] + 1
+        self.positional_embedding = nn.Parameter(scale * torch.randn(num_tokens, width, **factory))
+        self.patch_dropout = PatchDropout(cfg.patch_dropout) if cfg.patch_dropout > 0 else nn.Identity()
+        self.ln_pre = nn.Identity() if cfg.no_ln_pre else norm_layer(width, **factory)
+        self.transformer = Transformer(width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.ls_init_value,
+                                       activation(quick_gelu, cfg.act_kwargs), norm_layer, **factory)
+        if cfg.attentional_pool:
+            if isinstance(cfg.attentional_pool, str):
+                raise ValueError("parallel/cascade attentional pooling (CoCa) is not supported")
+            self.attn_pool = AttentionalPooler(output_dim, width, cfg.attn_pooler_heads, cfg.attn_pooler_queries,
+                                               norm_layer, **factory)
+            pool_dim = output_dim
+        else:
+            self.attn_pool = None
+            pool_dim = width
+        self.ln_post = norm_layer(pool_dim, **factory)
+        self.proj = nn.Parameter(scale * torch.randn(pool_dim, output_dim, **factory))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)  # [B, D, gh, gw]
+        x = x.flatten(2).transpose(1, 2)  # [B, gh*gw, D]
+        cls = self.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)  # [B, 1, D]
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # [B, 1+N, D]
+        x = self.patch_dropout(x)
+        return self.ln_pre(x)
+
+    def pool(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Returns (pooled [B, D], tokens) according to the configured pooling."""
+        if self.attn_pool is not None:
+            x = self.ln_post(self.attn_pool(x))  # [B, Q, D]
+            return self._global_pool(x)
+        if self.cfg.final_ln_after_pool:
+            pooled, tokens = self._global_pool(x)
+            return self.ln_post(pooled), tokens
+        return self._global_pool(self.ln_post(x))
+
+    def _global_pool(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.cfg.pool_type == "tok":
+            return x[:, 0], x[:, 1:]
+        if self.cfg.pool_type == "avg":
+            return x[:, 1:].mean(dim=1), x[:, 1:]
+        return x, x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Token features after the trunk, before pooling: [B, 1+N, D]."""
+        return self.transformer(self.embed(x))
+
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        pooled, tokens = self.pool(self.forward_features(x))
+        pooled = pooled @ self.proj
+        return (pooled, tokens) if self.cfg.output_tokens else pooled
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set:
+        return {"positional_embedding", "class_embedding"}
+
+    def param_groups_for_lock(self) -> List[Iterable[nn.Parameter]]:
+        """Parameter groups from input to output; locking keeps the last N groups trainable (LiT)."""
+        embed = [self.conv1.weight, self.class_embedding, self.positional_embedding, *self.ln_pre.parameters()]
+        blocks = [list(b.parameters()) for b in self.transformer.resblocks]
+        head = [*(self.attn_pool.parameters() if self.attn_pool is not None else []), *self.ln_post.parameters()]
+        return [embed, *blocks[:-1], blocks[-1] + head, [self.proj]]
+
+    def lock(self, unlocked_groups: int = 0) -> None:
+        lock_groups(self, self.param_groups_for_lock(), unlocked_groups)
+
