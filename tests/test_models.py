@@ -1,0 +1,156 @@
+"""Model parity with OpenCLIP: same state-dict keys, same features for the same weights."""
+import math
+
+import open_clip
+import pytest
+import torch
+
+import clipforge
+from clipforge.models.pos_embed import resample_grid_pos_embed
+from conftest import CAPTIONS
+
+PARITY_MODELS = ["RN50", "ViT-B-32", "ViT-B-16", "ViT-B-32-quickgelu"]
+
+
+def _reference(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = open_clip.create_model(name).eval()
+    # Randomise LayerNorm and BatchNorm affine/statistics too, so every parameter matters.
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.LayerNorm, torch.nn.BatchNorm2d)):
+                m.weight.normal_(1.0, 0.1)
+                m.bias.normal_(0.0, 0.1)
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0.0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def preprocessed(photos):
+    _, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32")
+    return torch.stack([preprocess(p) for p in photos])
+
+
+@pytest.mark.parametrize("name", PARITY_MODELS)
+def test_features_match_openclip(name, preprocessed):
+    ref = _reference(name)
+    model = clipforge.create_model(name).eval()
+    assert set(model.state_dict()) == set(ref.state_dict())
+    model.load_state_dict(ref.state_dict())
+    tokens = open_clip.tokenize(CAPTIONS)
+    with torch.inference_mode():
+        img_diff = (model.encode_image(preprocessed) - ref.encode_image(preprocessed)).abs().max().item()
+        txt_diff = (model.encode_text(tokens) - ref.encode_text(tokens)).abs().max().item()
+        out = model(preprocessed, tokens)
+    assert img_diff <= 1e-5, img_diff
+    assert txt_diff <= 1e-5, txt_diff
+    assert torch.allclose(out["image_features"].norm(dim=-1), torch.ones(len(preprocessed)), atol=1e-5)
+    assert out["logit_scale"].item() == pytest.approx(1 / 0.07, rel=1e-6)
+
+
+def test_text_trimming_is_exact():
+    """Trimming padding after the longest EOT must not change any text feature."""
+    torch.manual_seed(0)
+    model = clipforge.create_model("ViT-S-32").eval()
+    tokens = open_clip.tokenize(["a", "a much longer caption about a dog running on the beach at sunset"])
+    with torch.inference_mode():
+        trimmed = model.encode_text(tokens)
+        # Untrimmed reference: run the full 77 positions through the tower by hand.
+        x = model.text.forward_features(tokens)
+        pooled = x[torch.arange(2), tokens.argmax(-1)] @ model.text.text_projection
+    assert torch.allclose(trimmed, pooled, atol=1e-6)
+
+
+def test_state_dict_layout_and_init():
+    model = clipforge.create_model("ViT-B-32")
+    keys = model.state_dict().keys()
+    for key in ("visual.conv1.weight", "visual.transformer.resblocks.0.attn.in_proj_weight",
+                "token_embedding.weight", "text_projection", "logit_scale", "ln_final.weight"):
+        assert key in keys
+    assert not any(k.startswith("text.") for k in keys)
+    assert model.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+
+
+def test_unknown_model_lists_close_names():
+    with pytest.raises(ValueError, match="ViT-B-32"):
+        clipforge.create_model("ViT-B-23")
+
+
+def test_registry_names_and_quickgelu_alias():
+    names = clipforge.list_models()
+    for n in ("RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16", "ViT-L-14",
+              "ViT-L-14-336", "ViT-H-14", "ViT-g-14", "ViT-bigG-14", "ViT-S-32", "ViT-S-16", "ViT-M-32",
+              "ViT-M-16", "ViT-B-32-quickgelu", "RN50-quickgelu", "ViT-H-14-quickgelu"):
+        assert n in names, n
+    assert clipforge.get_model_config("ViT-L-14-quickgelu").quick_gelu
+    assert not clipforge.get_model_config("ViT-L-14").quick_gelu
+
+
+@pytest.mark.parametrize("name", ["ViT-L-14-336", "RN50x4", "ViT-H-14", "ViT-bigG-14"])
+def test_large_configs_build_same_shapes_as_openclip(name):
+    """Big architectures: compare parameter shapes on the meta device (no memory, no compute)."""
+    cfg = clipforge.get_model_config(name)
+    with torch.device("meta"):
+        ours = clipforge.CLIP(cfg)
+    ref_cfg = open_clip.get_model_config(name)
+    with torch.device("meta"):
+        ref = open_clip.model.CLIP(**ref_cfg)
+    ours_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert ours_shapes == ref_shapes
+
+
+def test_add_model_config(tmp_path):
+    cfg = {"embed_dim": 64, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+    import json
+    (tmp_path / "tiny-test.json").write_text(json.dumps(cfg))
+    assert clipforge.add_model_config(tmp_path / "tiny-test.json") == ["tiny-test"]
+    model = clipforge.create_model("tiny-test")
+    assert model.encode_image(torch.randn(1, 3, 32, 32)).shape == (1, 64)
+    (tmp_path / "bad.json").write_text(json.dumps({**cfg, "vision_cfg": {"layerz": 2}}))
+    with pytest.raises(ValueError, match="layerz"):
+        clipforge.add_model_config(tmp_path / "bad.json")
+
+
+def test_pos_embed_resampling_matches_openclip():
+    torch.manual_seed(0)
+    pe = torch.randn(1 + 7 * 7, 16)
+    ours = resample_grid_pos_embed(pe, (10, 10))
+    sd = {"visual.positional_embedding": pe.clone()}
+
+    class _Visual:
+        grid_size = (10, 10)
+
+    class _Model:
+        visual = _Visual()
+
+    open_clip.model.resize_pos_embed(sd, _Model())
+    assert torch.allclose(ours, sd["visual.positional_embedding"], atol=1e-6)
+
+
+def test_patch_dropout_only_in_training():
+    torch.manual_seed(0)
+    cfg = clipforge.get_model_config("ViT-S-32")
+    cfg.vision_cfg.patch_dropout = 0.5
+    model = clipforge.CLIP(cfg)
+    x = torch.randn(2, 3, 224, 224)
+    model.eval()
+    a, b = model.encode_image(x), model.encode_image(x)
+    assert torch.equal(a, b)
+    model.train()
+    tokens = model.visual.patch_dropout(torch.randn(2, 50, 8))
+    assert tokens.shape == (2, 25, 8)
+
+
+def test_lock_image_tower_leaves_last_groups_trainable():
+    model = clipforge.create_model("ViT-S-32")
+    model.lock_image_tower(unlocked_groups=2)
+    trainable = {n for n, p in model.visual.named_parameters() if p.requires_grad}
+    assert "proj" in trainable and "ln_post.weight" in trainable
+    assert "transformer.resblocks.11.attn.in_proj_weight" in trainable
+    assert "conv1.weight" not in trainable and "transformer.resblocks.0.mlp.c_fc.weight" not in trainable
+    model.lock_text_tower(unlocked_layers=0)
+    assert not any(p.requires_grad for p in model.text.parameters())
