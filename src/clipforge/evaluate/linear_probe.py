@@ -1,0 +1,99 @@
+"""Linear probe: multinomial logistic regression on frozen, normalised image features.
+
+As in the CLIP paper (A.3): full-batch L-BFGS, L2 strength chosen on a held-out validation split by a
+coarse-to-fine search over ``logspace(-6, 2, 97)``, then refit on train+val and scored on test.
+The objective is ``mean cross-entropy + weight_decay / 2 * ||W||^2`` (bias not penalised), which is
+sklearn's ``LogisticRegression(C=1 / (weight_decay * n_train))``.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .features import Device, image_features
+from .metrics import mean_per_class_recall, topk_accuracy
+
+WEIGHT_DECAYS = tuple(np.logspace(-6, 2, num=97).tolist())
+
+
+def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float,
+                            max_iter: int = 1000) -> torch.nn.Linear:
+    """Minimise the regularised cross-entropy exactly (float64 L-BFGS, strong Wolfe line search)."""
+    x64, y = x.double(), y.long()
+    linear = torch.nn.Linear(x.shape[1], num_classes, dtype=torch.float64)
+    torch.nn.init.zeros_(linear.weight)
+    torch.nn.init.zeros_(linear.bias)  # convex problem: a fixed start makes the fit deterministic
+    opt = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
+                            tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(linear(x64), y) + 0.5 * weight_decay * linear.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return linear.requires_grad_(False)
+
+
+def _accuracy(linear: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor) -> float:
+    return (linear(x.double()).argmax(dim=1) == y).float().mean().item()
+
+
+def select_weight_decay(x: torch.Tensor, y: torch.Tensor, num_classes: int, val_fraction: float = 0.2,
+                        seed: int = 0, weight_decays: Sequence[float] = WEIGHT_DECAYS) -> float:
+    """Best validation accuracy by a coarse grid (every 16th value) then halving steps around the peak.
+
+    Ties prefer the weaker penalty on the coarse grid and the current peak while refining.
+    """
+    n_val = max(1, int(round(len(x) * val_fraction)))
+    if n_val >= len(x):
+        raise ValueError(f"need more than {n_val} training samples to hold out a validation split")
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    val, fit = perm[:n_val], perm[n_val:]
+    scores: Dict[int, float] = {}
+
+    def score(i: int) -> float:
+        if i not in scores:
+            model = fit_logistic_regression(x[fit], y[fit], num_classes, weight_decays[i])
+            scores[i] = _accuracy(model, x[val], y[val])
+        return scores[i]
+
+    step = max(1, (len(weight_decays) - 1) // 6)
+    best = max(range(0, len(weight_decays), step), key=lambda i: (score(i), -i))
+    step //= 2
+    while step > 0:
+        candidates = [max(best - step, 0), best, min(best + step, len(weight_decays) - 1)]
+        best = max(candidates, key=lambda i: (score(i), i == best))
+        step //= 2
+    return float(weight_decays[best])
+
+
+def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                 num_classes: Optional[int] = None, weight_decay: Optional[float] = None,
+                 val_fraction: float = 0.2, seed: int = 0) -> Dict[str, float]:
+    """clip_benchmark's linear-probe metrics from features; ``weight_decay=None`` searches for it."""
+    num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
+    if weight_decay is None:
+        weight_decay = select_weight_decay(train_x, train_y, num_classes, val_fraction, seed)
+    model = fit_logistic_regression(train_x, train_y, num_classes, weight_decay)
+    logits = model(test_x.double()).float()
+    if num_classes >= 5:
+        acc1, acc5 = topk_accuracy(logits, test_y, (1, 5))
+    else:
+        (acc1,), acc5 = topk_accuracy(logits, test_y, (1,)), float("nan")
+    return {"lp_acc1": acc1, "lp_acc5": acc5,
+            "lp_mean_per_class_recall": mean_per_class_recall(logits.argmax(dim=1), test_y),
+            "weight_decay": weight_decay, "seed": seed, "normalized": True}
+
+
+def evaluate_linear_probe(model: torch.nn.Module, train_loader: Iterable, test_loader: Iterable,
+                          num_classes: Optional[int] = None, device: Optional[Device] = None,
+                          amp: bool = False, seed: int = 0, use_tqdm: bool = True) -> Dict[str, float]:
+    """Extract normalised image features of both loaders, then :func:`linear_probe`."""
+    train_x, train_y = image_features(model, train_loader, device, amp, use_tqdm=use_tqdm)
+    test_x, test_y = image_features(model, test_loader, device, amp, use_tqdm=use_tqdm)
+    return linear_probe(train_x, train_y, test_x, test_y, num_classes, seed=seed)

@@ -1,0 +1,142 @@
+"""One evaluation run → a result dict in clip_benchmark's JSON shape, optionally written to a file.
+
+``run_eval`` takes a built model; ``eval_command`` and ``classify_command`` load one by name for the CLI.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch.utils.data import DataLoader
+
+from .datasets import TASKS, captions_collate, open_eval_dataset
+from .linear_probe import evaluate_linear_probe
+from .retrieval import evaluate_retrieval
+from .templates import DATASETS, Template, get_templates
+from .zero_shot import classify_images, evaluate_zero_shot
+
+PathLike = Union[str, Path]
+DEFAULT_OUTPUT = "{dataset}_{pretrained}_{model}_{language}_{task}.json"  # clip_benchmark's default
+
+
+def _loader(dataset, batch_size: int, num_workers: int, retrieval: bool) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      collate_fn=captions_collate if retrieval else None)
+
+
+def resolve_templates(templates: Union[str, Sequence[Template], None], dataset, dataset_name: str) -> List[Template]:
+    """Templates asked for (a list, or a built-in set's name), else the dataset's own, else the
+    built-in set named like the dataset, else OpenAI's 80 ImageNet templates."""
+    if isinstance(templates, str):
+        return get_templates(templates)
+    if templates:
+        return list(templates)
+    if getattr(dataset, "templates", None):
+        return list(dataset.templates)
+    return get_templates(dataset_name if dataset_name in DATASETS else "imagenet1k")
+
+
+def run_eval(
+    task: str,
+    model: torch.nn.Module,
+    tokenizer: Callable,
+    transform: Callable,
+    dataset: PathLike,
+    *,
+    dataset_name: Optional[str] = None,
+    model_name: str = "",
+    pretrained: str = "",
+    output: Optional[PathLike] = None,
+    split: str = "test",
+    train_split: str = "train",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: Optional[Union[str, torch.device]] = None,
+    amp: bool = False,
+    recall_k: Sequence[int] = (1, 5, 10),
+    classnames: Optional[List[str]] = None,
+    templates: Union[str, Sequence[Template], None] = None,
+    image_root: Optional[PathLike] = None,
+    language: str = "en",
+    use_tqdm: bool = True,
+) -> Dict[str, object]:
+    """Evaluate ``model`` on the dataset at ``dataset`` (see ``open_eval_dataset`` for accepted layouts).
+
+    ``task`` is ``zeroshot_classification``, ``zeroshot_retrieval`` or ``linear_probe`` (which reads
+    ``train_split`` of the same dataset for training). ``output`` may hold clip_benchmark's
+    placeholders ``{dataset} {model} {pretrained} {task} {language}``.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    name = dataset_name or Path(dataset).stem
+    model.eval()
+    retrieval = task == "zeroshot_retrieval"
+    ds = open_eval_dataset(dataset, task, transform, split, image_root, classnames)
+    loader = _loader(ds, batch_size, num_workers, retrieval)
+    if retrieval:
+        metrics = evaluate_retrieval(model, tokenizer, loader, recall_k, device, amp, use_tqdm)
+    elif task == "zeroshot_classification":
+        names = classnames or ds.classnames
+        if not names:
+            raise ValueError(f"{dataset} has no class names: pass classnames=[...]")
+        metrics = evaluate_zero_shot(model, tokenizer, loader, names, resolve_templates(templates, ds, name),
+                                     device, amp, use_tqdm)
+    else:
+        train_ds = open_eval_dataset(dataset, task, transform, train_split, image_root, classnames)
+        num_classes = len(classnames or ds.classnames or []) or None
+        metrics = evaluate_linear_probe(model, _loader(train_ds, batch_size, num_workers, False), loader,
+                                        num_classes, device, amp, use_tqdm=use_tqdm)
+    result = {"dataset": name, "model": model_name, "pretrained": pretrained, "task": task,
+              "metrics": metrics, "language": language}
+    if output is not None:
+        path = Path(str(output).format(dataset=name.replace("/", "_"), model=model_name,
+                                       pretrained=Path(pretrained).name if pretrained else "",
+                                       task=task, language=language))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result))
+    return result
+
+
+def eval_command(
+    model: str,
+    dataset: str,
+    task: str = "zeroshot_classification",
+    pretrained: Optional[str] = None,
+    output: Optional[str] = DEFAULT_OUTPUT,
+    split: str = "test",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str = "cpu",
+    precision: str = "fp32",
+    amp: bool = False,
+    recall_k: Sequence[int] = (1, 5, 10),
+    templates: Optional[str] = None,
+    image_root: Optional[str] = None,
+) -> Dict[str, object]:
+    """``clipforge eval``: load ``model`` (+ ``pretrained`` file) with clipforge, then :func:`run_eval`."""
+    from .clip_benchmark_loader import load_clipforge
+
+    net, transform, tokenizer = load_clipforge(model, pretrained, device, precision=precision)
+    return run_eval(task, net, tokenizer, transform, dataset, model_name=model, pretrained=pretrained or "",
+                    output=output, split=split, batch_size=batch_size, num_workers=num_workers, device=device,
+                    amp=amp, recall_k=recall_k, templates=templates, image_root=image_root)
+
+
+def classify_command(
+    model: str,
+    images: Sequence[str],
+    labels: Sequence[str],
+    pretrained: Optional[str] = None,
+    top_k: int = 5,
+    template: str = "a photo of a {}.",
+    device: str = "cpu",
+    precision: str = "fp32",
+) -> List[Dict[str, object]]:
+    """``clipforge classify``: top-k of ``labels`` for each image, via :func:`classify_images`."""
+    from .clip_benchmark_loader import load_clipforge
+
+    net, transform, tokenizer = load_clipforge(model, pretrained, device, precision=precision)
+    net.eval()
+    return classify_images(net, tokenizer, transform, list(images), list(labels), top_k, (template,), device)
