@@ -1,0 +1,142 @@
+"""Write WebDataset tar shards (plus ``sizes.json``) from caption files or (image, caption) pairs.
+
+Image bytes are copied verbatim: re-encoding would lose quality and make round trips inexact.
+Tar members get fixed metadata (mtime 0, uid 0) so the same input gives byte-identical shards.
+"""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, List, Optional, Tuple, Union
+
+from .captions import CaptionRecord, read_coco_records, read_csv_records, read_jsonl_records
+from .robust import BrokenSample, describe_exception
+
+ImageSource = Union[str, Path, bytes]
+_MAGIC = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG", "png"), (b"RIFF", "webp"))
+
+
+def image_ext(src: ImageSource, data: bytes) -> str:
+    """Extension for the tar member: from the file suffix, else sniffed from the bytes."""
+    if not isinstance(src, (bytes, bytearray)):
+        suf = Path(src).suffix.lower().lstrip(".")
+        if suf in ("jpg", "jpeg", "png", "webp"):
+            return suf
+    for magic, ext in _MAGIC:
+        if data.startswith(magic):
+            return ext
+    raise ValueError("unknown image format (expected jpg, png or webp)")
+
+
+@dataclass
+class ShardWriteResult:
+    shard_paths: List[Path] = field(default_factory=list)
+    sizes: dict = field(default_factory=dict)  # shard basename -> sample count
+    n_written: int = 0
+    skipped: List[BrokenSample] = field(default_factory=list)
+
+    @property
+    def url_pattern(self) -> str:
+        """Brace pattern covering all shards, for ``DataConfig.train_data``."""
+        if not self.shard_paths:
+            return ""
+        first, last = self.shard_paths[0], self.shard_paths[-1]
+        if len(self.shard_paths) == 1:
+            return str(first)
+        prefix, a = first.stem.rsplit("-", 1)
+        b = last.stem.rsplit("-", 1)[1]
+        return str(first.parent / f"{prefix}-{{{a}..{b}}}.tar")
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shards(
+    samples: Iterable[Union[CaptionRecord, Tuple[ImageSource, str]]],
+    out_dir: Union[str, Path],
+    max_count_per_shard: int = 10000,
+    prefix: str = "shard",
+    key_digits: int = 9,
+    shard_digits: int = 6,
+) -> ShardWriteResult:
+    """Write ``prefix-000000.tar`` ... and ``sizes.json``; unreadable or empty samples are skipped.
+
+    ``samples`` are (image path or bytes, caption) pairs or :class:`CaptionRecord`s. Keys are the
+    running sample index, zero padded to ``key_digits``.
+    """
+    if max_count_per_shard < 1:
+        raise ValueError("max_count_per_shard must be >= 1")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    res = ShardWriteResult()
+    tar: Optional[tarfile.TarFile] = None
+    count = 0
+    try:
+        for item in samples:
+            src, caption = item[0], item[1]
+            name = "<bytes>" if isinstance(src, (bytes, bytearray)) else str(src)
+            if not caption or not str(caption).strip():
+                res.skipped.append(BrokenSample(name, "EmptyCaption: empty caption"))
+                continue
+            try:
+                data = bytes(src) if isinstance(src, (bytes, bytearray)) else Path(src).read_bytes()
+                ext = image_ext(src, data)
+            except Exception as e:  # missing file / unknown format: skip, keep going
+                res.skipped.append(BrokenSample(name, describe_exception(e)))
+                continue
+            if tar is None or count == max_count_per_shard:
+                if tar is not None:
+                    tar.close()
+                path = out / f"{prefix}-{len(res.shard_paths):0{shard_digits}d}.tar"
+                tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)
+                res.shard_paths.append(path)
+                res.sizes[path.name] = 0
+                count = 0
+            key = f"{res.n_written:0{key_digits}d}"
+            _add(tar, f"{key}.{ext}", data)
+            _add(tar, f"{key}.txt", str(caption).encode("utf-8"))
+            count += 1
+            res.sizes[res.shard_paths[-1].name] += 1
+            res.n_written += 1
+    finally:
+        if tar is not None:
+            tar.close()
+    (out / "sizes.json").write_text(json.dumps(res.sizes, indent=1) + "\n")
+    return res
+
+
+def shards_main(
+    input_path: str,
+    out_dir: str,
+    kind: str = "auto",
+    img_key: str = "filepath",
+    caption_key: str = "title",
+    sep: Optional[str] = None,
+    image_root: Optional[str] = None,
+    max_count_per_shard: int = 10000,
+    prefix: str = "shard",
+) -> ShardWriteResult:
+    """Entry point for ``clipforge shards``: ``kind`` is csv, tsv, coco, jsonl or auto (by suffix)."""
+    p = Path(input_path)
+    if kind == "auto":
+        kind = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".json": "coco"}.get(p.suffix.lower(), "csv")
+    if kind in ("csv", "tsv"):
+        records = read_csv_records(p, img_key, caption_key, sep, image_root)
+    elif kind == "jsonl":
+        records = read_jsonl_records(p, image_root)
+    elif kind == "coco":
+        records = read_coco_records(p, image_root)
+    else:
+        raise ValueError(f"unknown input kind {kind!r} (csv, tsv, coco, jsonl, auto)")
+    res = write_shards(records, out_dir, max_count_per_shard, prefix)
+    print(f"wrote {res.n_written} samples in {len(res.shard_paths)} shards to {out_dir} "
+          f"({len(res.skipped)} skipped); train_data: {res.url_pattern}")
+    for s in res.skipped[:5]:
+        print(f"  skipped {s.path}: {s.reason}")
+    return res
