@@ -91,6 +91,7 @@ def test_mixing_with_weights_and_pipe(tmp_path):
     loader = build_train_loader(cfg, small_transform, toy_tokenize, batch_size=20, workers=0)
     src = Counter(detok(t)[0] for _, texts in loader for t in texts)
     assert sum(src.values()) == 400 and 0.65 < src["B"] / 400 < 0.85
+    assert read_shard_sizes(urls) is None  # pipe: sources have no known size
     with pytest.raises(ValueError, match="resampled"):
         build_train_loader(DataConfig(kind="webdataset", train_data=spec, upsampling_factors="1::3",
                                       num_samples=10), small_transform, toy_tokenize, 4, workers=0)
@@ -138,3 +139,17 @@ def test_needs_size_or_sizes_json(tmp_path):
     with pytest.raises(ValueError, match="num_samples"):
         build_train_loader(DataConfig(kind="webdataset", train_data="pipe:cat x.tar"),
                            small_transform, toy_tokenize, 4, workers=0)
+
+
+def test_info_json_sizes_and_too_few_shards(tmp_path):
+    _, _, res = _shards(tmp_path, n=6, per_shard=3)
+    d = res.shard_paths[0].parent
+    sizes = json.loads((d / "sizes.json").read_text())
+    (d / "sizes.json").unlink()
+    urls, _ = expand_urls(res.url_pattern)
+    assert read_shard_sizes(urls) is None
+    (d / "_info.json").write_text(json.dumps({"sizes": sizes}))
+    assert read_shard_sizes(urls) == 6
+    cfg = DataConfig(kind="webdataset", train_data=res.url_pattern)
+    with pytest.raises(ValueError, match="2 shards < 2 ranks x 2 workers"):
+        build_train_loader(cfg, small_transform, toy_tokenize, 2, world_size=2, workers=2)

@@ -138,6 +138,9 @@ def build_train_loader(cfg: DataConfig, transform: Callable, tokenize: Callable,
         num_samples = cfg.num_samples or read_shard_sizes(urls)
         if not num_samples:
             raise ValueError("webdataset: give num_samples, or put sizes.json next to the shards")
+        if not cfg.resampled and len(urls) < world_size * max(1, workers):
+            raise ValueError(f"{len(urls)} shards < {world_size} ranks x {max(1, workers)} workers; "
+                             "write more shards, use fewer workers, or set resampled=True")
         per_worker, num_batches, num_samples = epoch_batches(num_samples, batch_size, world_size, workers)
         stream = WdsCaptionStream(urls, transform, tokenize, batch_size, weights=weights,
                                   resampled=cfg.resampled, rank=rank, world_size=world_size, seed=seed,

@@ -3,6 +3,8 @@
 Rank and world size are arguments (not read from the environment) so the same code serves
 tests, single-GPU runs and any launcher. Shard order, shard assignment and the sample shuffle
 buffer are all seeded from (seed, epoch[, rank, worker]) so a run is reproducible.
+``webdataset``/``braceexpand`` are imported lazily: they are an optional extra, and the rest of
+``clipforge.data`` (the demo's shapes data included) must import without them.
 """
 from __future__ import annotations
 
@@ -12,8 +14,6 @@ import random
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
-import braceexpand
-import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .robust import Batch, BrokenSample, DataError, collate_skipping, describe_exception, load_pil_image
@@ -36,6 +36,8 @@ def expand_urls(urls: Union[str, Sequence[str]],
 
     Each ``::``-separated source gets its own weight (an upsampling factor), copied to its shards.
     """
+    from braceexpand import braceexpand  # ships with webdataset (optional "wds" extra)
+
     sources = _split_list(urls)
     out: List[str] = []
     ws = [float(w) for w in _split_list(weights)] if weights is not None else None
@@ -43,7 +45,7 @@ def expand_urls(urls: Union[str, Sequence[str]],
         raise ValueError(f"{len(ws)} weights for {len(sources)} sources: {weights!r}")
     out_w: List[float] = []
     for i, src in enumerate(sources):
-        expanded = list(braceexpand.braceexpand(src))
+        expanded = list(braceexpand(src))
         out.extend(expanded)
         if ws is not None:
             out_w.extend([ws[i]] * len(expanded))
@@ -138,6 +140,8 @@ class WdsCaptionStream(IterableDataset):
             where = next((a for a in reversed(exn.args) if isinstance(a, str) and a), "?")
             pending.append(BrokenSample(where, describe_exception(exn)))
             return True
+
+        import webdataset as wds  # optional dependency: only needed once shards are read
 
         yield from wds.tarfile_samples(({"url": u} for u in shards), handler=handler)
 
