@@ -79,7 +79,8 @@ def get_tokenizer(model_name: Union[str, CLIPConfig, None] = None, context_lengt
     text = cfg.text_cfg
     length = context_length or text.context_length
     if text.hf_tokenizer_name:
-        return HFTokenizer(text.hf_tokenizer_name, context_length=length, **(text.tokenizer_kwargs or {}))
+        return HFTokenizer(text.hf_tokenizer_name, context_length=length, tokenizer_mode=text.tokenizer_mode,
+                           **(text.tokenizer_kwargs or {}))
     return CLIPTokenizer(context_length=length)
 
 

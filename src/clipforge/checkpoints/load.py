@@ -12,6 +12,8 @@ from .openai import OPENAI_META_KEYS
 
 # Where training frameworks nest the weights inside a checkpoint dict.
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
+# Buffers that other implementations persist but clipforge derives (the causal mask).
+_DERIVED_KEYS = ("attn_mask", "text.attn_mask")
 _TEXT_ROOT_PREFIXES = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
 
 
@@ -28,7 +30,7 @@ def unwrap_state_dict(obj: Any) -> Dict[str, torch.Tensor]:
         obj = inner
     state_dict = {}
     for key, value in obj.items():
-        if not isinstance(value, torch.Tensor) or key in OPENAI_META_KEYS:
+        if not isinstance(value, torch.Tensor) or key in OPENAI_META_KEYS or key in _DERIVED_KEYS:
             continue
         for prefix in ("module.", "_orig_mod."):  # DDP and torch.compile wrappers
             while key.startswith(prefix):

@@ -32,7 +32,7 @@ def infer_config(state_dict: Dict[str, torch.Tensor]) -> CLIPConfig:
             layers = tuple(_count_blocks(sd, f"visual.layer{i}.") for i in range(1, 5))
             grid = math.isqrt(sd["visual.attnpool.positional_embedding"].shape[0] - 1)
             vision = VisionConfig(layers=layers, width=sd["visual.layer1.0.conv1.weight"].shape[0],
-                                  patch_size=None, image_size=grid * 32)
+                                  image_size=grid * 32)
         text_width = sd["ln_final.weight"].shape[0]
         text = TextConfig(context_length=sd["positional_embedding"].shape[0],
                           vocab_size=sd["token_embedding.weight"].shape[0], width=text_width,
