@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
