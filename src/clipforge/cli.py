@@ -1,17 +1,18 @@
 """The ``clipforge`` command line: argument parsing only, generated from typed function signatures.
 
-Each sub-command is a library function; its positional parameters become positional arguments and
-its keyword parameters ``--options`` (``snake_case`` → ``--kebab-case``), typed from the annotation.
+Each sub-command is a library function; its positional parameters without defaults become positional
+arguments, keyword-only ones required ``--options``, the others ``--options`` (``snake_case`` → ``--kebab-case``), typed from the annotation.
 The function is imported only when its sub-command runs, so ``clipforge --help`` stays fast.
 """
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import importlib
 import inspect
 import sys
 import typing
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional
 
 # sub-command -> ("module:function", one-line help)
 COMMANDS: Dict[str, tuple] = {
@@ -20,8 +21,8 @@ COMMANDS: Dict[str, tuple] = {
     "pretrained": ("clipforge.pretrained:pretrained_main", "list pretrained (model, tag) pairs"),
     "convert": ("clipforge.checkpoints.convert:convert_main",
                 "convert a checkpoint between OpenAI, OpenCLIP and Hugging Face formats"),
-    "classify": ("clipforge.evaluate.cli_entry:classify_main", "zero-shot classify images against labels"),
-    "eval": ("clipforge.evaluate.cli_entry:eval_main", "zero-shot classification, retrieval or linear probe"),
+    "classify": ("clipforge.evaluate.runner:classify_command", "zero-shot classify images against labels"),
+    "eval": ("clipforge.evaluate.runner:eval_command", "zero-shot classification, retrieval or linear probe"),
     "train": ("clipforge.train.main:train_main_cli", "train or fine-tune CLIP from a YAML config"),
     "wise-ft": ("clipforge.train.main:wise_ft_main", "interpolate zero-shot and fine-tuned weights (WiSE-FT)"),
     "shards": ("clipforge.data.shards:shards_main", "write WebDataset shards from a CSV/TSV, COCO or JSONL"),
@@ -51,7 +52,7 @@ def _add_parameters(parser: argparse.ArgumentParser, fn: Callable) -> None:
         kwargs: dict = {}
         if annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif origin in (list, List, Sequence, tuple) or annotation in (list, tuple):
+        elif origin in (list, tuple, collections.abc.Sequence) or annotation in (list, tuple):
             args = typing.get_args(annotation)
             kwargs.update(nargs="*" if param.default is not param.empty else "+",
                           type=args[0] if args and args[0] is not Ellipsis else str)
@@ -59,12 +60,14 @@ def _add_parameters(parser: argparse.ArgumentParser, fn: Callable) -> None:
             kwargs.update(choices=list(typing.get_args(annotation)))
         elif annotation in (int, float, str):
             kwargs["type"] = annotation
-        if param.default is param.empty and annotation is not bool:
+        if param.default is param.empty and param.kind != param.KEYWORD_ONLY and annotation is not bool:
             parser.add_argument(name, **kwargs)
         else:
             flag = "--" + name.replace("_", "-")
             default = None if param.default is param.empty else param.default
-            parser.add_argument(flag, dest=name, default=default, help=f"(default: {default})", **kwargs)
+            required = param.default is param.empty
+            parser.add_argument(flag, dest=name, default=default, required=required,
+                                help="(required)" if required else f"(default: {default})", **kwargs)
 
 
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:

@@ -100,6 +100,7 @@ def run_eval(
 
 
 def eval_command(
+    *,
     model: str,
     dataset: str,
     task: str = "zeroshot_classification",
@@ -119,24 +120,36 @@ def eval_command(
     from .clip_benchmark_loader import load_clipforge
 
     net, transform, tokenizer = load_clipforge(model, pretrained, device, precision=precision)
-    return run_eval(task, net, tokenizer, transform, dataset, model_name=model, pretrained=pretrained or "",
-                    output=output, split=split, batch_size=batch_size, num_workers=num_workers, device=device,
-                    amp=amp, recall_k=recall_k, templates=templates, image_root=image_root)
+    result = run_eval(task, net, tokenizer, transform, dataset, model_name=model, pretrained=pretrained or "",
+                      output=output, split=split, batch_size=batch_size, num_workers=num_workers, device=device,
+                      amp=amp, recall_k=recall_k, templates=templates, image_root=image_root)
+    for name, value in result["metrics"].items():
+        print(f"{name:>32}: {value:.4f}" if isinstance(value, float) else f"{name:>32}: {value}")
+    return result
 
 
 def classify_command(
-    model: str,
     images: Sequence[str],
-    labels: Sequence[str],
+    *,
+    labels: str,
+    model: str = "ViT-B-32",
     pretrained: Optional[str] = None,
     top_k: int = 5,
     template: str = "a photo of a {}.",
     device: str = "cpu",
     precision: str = "fp32",
 ) -> List[Dict[str, object]]:
-    """``clipforge classify``: top-k of ``labels`` for each image, via :func:`classify_images`."""
+    """``clipforge classify``: top-k of the comma-separated ``labels`` for each image, with probabilities."""
     from .clip_benchmark_loader import load_clipforge
 
+    label_list = [label.strip() for label in labels.split(",") if label.strip()]
+    if not label_list:
+        raise ValueError("--labels must name at least one label, e.g. --labels 'cat,dog'")
     net, transform, tokenizer = load_clipforge(model, pretrained, device, precision=precision)
     net.eval()
-    return classify_images(net, tokenizer, transform, list(images), list(labels), top_k, (template,), device)
+    results = classify_images(net, tokenizer, transform, list(images), label_list, top_k, (template,), device)
+    for row in results:
+        print(row["path"])
+        for label, prob in row["predictions"]:
+            print(f"  {prob:7.2%}  {label}")
+    return results

@@ -69,7 +69,7 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, device=None, dtype=None):
         super().__init__()
-        if dim % num_heads:
+        if num_heads < 1 or dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim, device=device, dtype=dtype))
