@@ -72,7 +72,7 @@ class TextTransformer(nn.Module):
         if seq > self.positional_embedding.shape[0]:
             raise ValueError(f"text has {seq} tokens but the model's context length is "
                              f"{self.positional_embedding.shape[0]}")
-        dtype = self.transformer.resblocks[0].mlp.c_fc.weight.dtype if len(self.transformer.resblocks) else None
+        dtype = self.transformer.resblocks[0].attn.in_proj_weight.dtype if len(self.transformer.resblocks) else None
         x = self.token_embedding(text)  # [B, L, D]
         x = x + self.positional_embedding[:seq].to(x.dtype)
         if dtype is not None:
@@ -98,10 +98,11 @@ class TextTransformer(nn.Module):
             text = self._trim(text)
         tokens = self.forward_features(text)
         pooled = self.pool(tokens, text)
+        # Casts are no-ops in fp32; they let bf16 inference keep the projection in fp32.
         if isinstance(self.text_projection, nn.Linear):
-            pooled = self.text_projection(pooled)
+            pooled = self.text_projection(pooled.to(self.text_projection.weight.dtype))
         elif self.text_projection is not None:
-            pooled = pooled @ self.text_projection
+            pooled = pooled.to(self.text_projection.dtype) @ self.text_projection
         return (pooled, tokens) if self.cfg.output_tokens else pooled
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

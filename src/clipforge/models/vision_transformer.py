@@ -48,7 +48,7 @@ class VisionTransformer(nn.Module):
         self.proj = nn.Parameter(scale * torch.randn(pool_dim, output_dim, **factory))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(x)  # [B, D, gh, gw]
+        x = self.conv1(x.to(self.conv1.weight.dtype))  # [B, D, gh, gw]
         x = x.flatten(2).transpose(1, 2)  # [B, gh*gw, D]
         cls = self.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)  # [B, 1, D]
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # [B, 1+N, D]
@@ -78,7 +78,8 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         pooled, tokens = self.pool(self.forward_features(x))
-        pooled = pooled @ self.proj
+        # A no-op in fp32; lets bf16 inference keep the projection (and its output) in fp32.
+        pooled = pooled.to(self.proj.dtype) @ self.proj
         return (pooled, tokens) if self.cfg.output_tokens else pooled
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
