@@ -196,3 +196,12 @@ def test_hf_text_tower_lock_and_checkpointing(tmp_path, tiny_roberta):
     assert any(getattr(m, "gradient_checkpointing", False) for m in model.text.transformer.modules())
     model.set_grad_checkpointing(False)
     assert not any(getattr(m, "gradient_checkpointing", False) for m in model.text.transformer.modules())
+
+
+@pytest.mark.parametrize("name", ["convnext_base", "convnext_large_d"])
+def test_builtin_convnext_configs_match_open_clip_keys(name):
+    """Full-size timm towers (linear and mlp heads), built on the meta device: same keys and shapes."""
+    with torch.device("meta"):
+        ref = open_clip.create_model(name, device="meta").state_dict()
+        ours = clipforge.models.CLIP(clipforge.get_model_config(name)).state_dict()
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in ref.items()}
