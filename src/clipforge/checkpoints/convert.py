@@ -19,9 +19,9 @@ import torch
 from ..config import CLIPConfig, PreprocessConfig
 from .hf_clip import is_hf_clip_dir, load_hf_clip, read_hf_preprocess, save_hf_clip
 from .io import CheckpointError, PathLike, is_torchscript_archive, read_checkpoint, save_torch
-from .load import load_state_dict_into, unwrap_state_dict
+from .load import unwrap_state_dict
 from .openai import infer_config
-from .openclip_hub import is_openclip_dir, load_openclip_dir, save_openclip_dir
+from .openclip_hub import build_with_weights, is_openclip_dir, load_openclip_dir, save_openclip_dir
 
 FORMATS = ("hf", "open_clip_dir", "openai", "open_clip")
 TARGETS = ("openai", "open_clip", "hf")
@@ -75,8 +75,6 @@ def load_any(path: PathLike, model_name: Optional[str] = None):
 
     ``model_name`` picks the architecture of a bare state dict; directories carry their own config.
     """
-    from ..models.clip import CLIP
-
     path = Path(path)
     if path.is_dir():
         fmt = detect_format(path)
@@ -88,9 +86,7 @@ def load_any(path: PathLike, model_name: Optional[str] = None):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     fmt, sd = _classify_file(path)
     cfg = _config_for(sd, model_name, fmt, path)
-    model = CLIP(cfg)
-    load_state_dict_into(model, sd, strict=True, source=str(path))
-    return model.eval(), PreprocessConfig(image_size=cfg.vision_cfg.image_size)
+    return build_with_weights(cfg, sd, str(path)), PreprocessConfig(image_size=cfg.vision_cfg.image_size)
 
 
 def openai_state_dict(model) -> Dict[str, torch.Tensor]:

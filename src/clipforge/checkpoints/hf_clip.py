@@ -16,7 +16,6 @@ import torch
 
 from ..config import CLIPConfig, PreprocessConfig, TextConfig, VisionConfig, as_tuple2
 from .io import CheckpointError, PathLike, atomic_write, read_checkpoint, save_safetensors
-from .load import load_state_dict_into
 
 # One transformer block: HF name -> (OpenCLIP name, op). Ops: "=" copy; "T" transpose (HF Linear
 # [out, in] vs OpenCLIP parameter [in, out]); "q"/"k"/"v" the thirds (dim 0) of the fused in_proj.
@@ -258,7 +257,7 @@ def read_hf_preprocess(path: PathLike, image_size: int) -> PreprocessConfig:
 
 def load_hf_clip(path: PathLike):
     """A transformers CLIPModel directory as a clipforge CLIP (fp32, eval mode)."""
-    from ..models.clip import CLIP
+    from .openclip_hub import build_with_weights
 
     path = Path(path)
     config = path / "config.json"
@@ -267,9 +266,7 @@ def load_hf_clip(path: PathLike):
         raise CheckpointError(f"{config}: missing; {path} is not a transformers CLIP directory ({contents})")
     cfg = config_from_hf(json.loads(config.read_text()), source=str(config))
     sd, source = _read_hf_weights(path)
-    model = CLIP(cfg)
-    load_state_dict_into(model, hf_to_openclip(sd, source), strict=True, source=source)
-    return model.eval()
+    return build_with_weights(cfg, hf_to_openclip(sd, source), source)
 
 
 def save_hf_clip(model, path: PathLike, tokenizer: bool = True,

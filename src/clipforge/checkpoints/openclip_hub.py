@@ -7,13 +7,16 @@ weights need no model name.
 """
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
+
+import torch
 
 from ..config import CLIPConfig, PreprocessConfig
-from .io import CheckpointError, PathLike, atomic_write, save_safetensors, save_torch
-from .load import load_state_dict_into
+from .io import CheckpointError, PathLike, atomic_write, read_checkpoint, save_safetensors, save_torch
+from .load import adapt_state_dict, describe_mismatch, load_state_dict_into, unwrap_state_dict
 
 CONFIG_NAME = "open_clip_config.json"
 SAFETENSORS_NAME = "open_clip_model.safetensors"
@@ -70,14 +73,32 @@ def _explicit_model_cfg(cfg: CLIPConfig) -> dict:
     return d
 
 
-def load_openclip_dir(path: PathLike, strict: bool = True):
-    """(CLIP in eval mode, PreprocessConfig) from an OpenCLIP hub-layout directory."""
+def build_with_weights(cfg: CLIPConfig, checkpoint: Any, source: str):
+    """``CLIP(cfg)`` holding ``checkpoint``'s weights (strictly), in eval mode.
+
+    The model is built on the meta device and the weights assigned, skipping a random init that
+    costs more than reading the file for large models; towers with state outside the state dict
+    (left on meta) are rebuilt normally.
+    """
     from ..models.clip import CLIP
 
+    with torch.device("meta"):
+        model = CLIP(cfg)
+    sd = adapt_state_dict(unwrap_state_dict(checkpoint), model)
+    problems = describe_mismatch(model.state_dict(), sd)
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model: {problems}")
+    model.load_state_dict(sd, strict=True, assign=True)
+    if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+        model = load_state_dict_into(CLIP(cfg), sd, strict=True, source=source)
+    return model.eval()
+
+
+def load_openclip_dir(path: PathLike):
+    """(CLIP in eval mode, PreprocessConfig) from an OpenCLIP hub-layout directory."""
     cfg, preprocess = read_openclip_config(path)
-    model = CLIP(cfg)
-    load_state_dict_into(model, find_weights(path), strict=strict)
-    return model.eval(), preprocess
+    weights = find_weights(path)
+    return build_with_weights(cfg, read_checkpoint(weights), str(weights)), preprocess
 
 
 def save_openclip_dir(model, path: PathLike, preprocess_cfg: Optional[PreprocessConfig] = None,
