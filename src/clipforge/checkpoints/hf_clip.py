@@ -1,9 +1,7 @@
 """Hugging Face ``transformers`` CLIPModel directories, read and written with exact weights.
 
-transformers 4.x and 5.x ``CLIPModel.save_pretrained`` use the same weight names
-(``text_model.*``, ``vision_model.*``, ``*_projection.weight``, ``logit_scale``); files from
-transformers < 4.31 also carry ``position_ids`` buffers and older configs pool text at the
-argmax id (``eos_token_id == 2``). Both are read; the 5.x form is written.
+transformers 4.x and 5.x ``CLIPModel`` files share weight names; files from transformers < 4.31 also
+carry ``position_ids`` buffers, and old configs pool text at the argmax id (``eos_token_id == 2``).
 """
 from __future__ import annotations
 
@@ -14,8 +12,9 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..config import CLIPConfig, PreprocessConfig, TextConfig, VisionConfig, as_tuple2
+from ..config import OPENAI_MEAN, OPENAI_STD, CLIPConfig, PreprocessConfig, TextConfig, VisionConfig, as_tuple2
 from .io import CheckpointError, PathLike, atomic_write, read_checkpoint, save_safetensors
+from .load import unwrap_state_dict
 
 # One transformer block: HF name -> (OpenCLIP name, op). Ops: "=" copy; "T" transpose (HF Linear
 # [out, in] vs OpenCLIP parameter [in, out]); "q"/"k"/"v" the thirds (dim 0) of the fused in_proj.
@@ -119,10 +118,7 @@ def openclip_to_hf(state_dict: Dict[str, torch.Tensor], source: str = "model") -
         targets = OPENCLIP_TO_HF[template]
         thirds = tensor.chunk(3, dim=0) if targets[0][1] in _FUSED else None  # [3D, ...] -> 3 x [D, ...]
         for hf_template, op in targets:
-            if op in _FUSED:
-                value = thirds[_FUSED.index(op)]
-            else:
-                value = tensor.t() if op == "T" else tensor
+            value = thirds[_FUSED.index(op)] if op in _FUSED else (tensor.t() if op == "T" else tensor)
             out[hf_template.format(index)] = value.contiguous()
     out["logit_scale"] = out["logit_scale"].reshape(())
     return out
@@ -138,7 +134,7 @@ def _tower(sub: dict, where: str) -> Tuple[bool, dict]:
     if int(width * (hidden / width)) != hidden or width % sub["num_attention_heads"]:
         raise CheckpointError(f"{where}: hidden_size {width} with intermediate_size {hidden} and "
                               f"{sub['num_attention_heads']} heads has no OpenCLIP equivalent")
-    eps = sub["layer_norm_eps"]
+    eps = sub["layer_norm_eps"]  # OpenCLIP's LayerNorm default is 1e-5
     return quick, dict(width=width, layers=sub["num_hidden_layers"], mlp_ratio=hidden / width,
                        act_kwargs=act_kwargs, norm_kwargs=None if eps == 1e-5 else {"eps": eps})
 
@@ -193,9 +189,9 @@ def _hf_activation(quick_gelu: bool, act_kwargs: Optional[dict]) -> Optional[str
 
 def config_to_hf(cfg: CLIPConfig, logit_scale: float, dtype: torch.dtype = torch.float32) -> dict:
     """clipforge CLIPConfig -> transformers config.json; raises naming what HF CLIP cannot express."""
-    problems = _unsupported(cfg)
-    if problems:
-        raise CheckpointError("model cannot be written as a transformers CLIPModel: it has " + "; ".join(problems))
+    if _unsupported(cfg):
+        raise CheckpointError("model cannot be written as a transformers CLIPModel: it has "
+                              + "; ".join(_unsupported(cfg)))
     v, t = cfg.vision_cfg, cfg.text_cfg
     towers = {}
     for name, c in (("vision", v), ("text", t)):
@@ -230,10 +226,7 @@ def _read_hf_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], str]:
         return sd, str(index)
     for name in WEIGHT_FILES:
         if (path / name).is_file():
-            sd = read_checkpoint(path / name)
-            if not isinstance(sd, dict):
-                raise CheckpointError(f"{path / name}: expected a flat state dict, got {type(sd).__name__}")
-            return sd, str(path / name)
+            return unwrap_state_dict(read_checkpoint(path / name)), str(path / name)
     files = sorted(p.name for p in path.iterdir())
     raise CheckpointError(f"{path}: no transformers weights ({' or '.join(WEIGHT_FILES)}); files: {files}")
 
@@ -248,11 +241,9 @@ def read_hf_preprocess(path: PathLike, image_size: int) -> PreprocessConfig:
     squash = "shortest_edge" not in size and not p.get("do_center_crop", True)
     box = size if squash else crop
     h, w = box.get("height", image_size), box.get("width", image_size)
-    kwargs = dict(image_size=h if h == w else (h, w), resize_mode="squash" if squash else "shortest",
-                  interpolation=_RESAMPLE.get(p.get("resample", 3), "bicubic"))
-    if "image_mean" in p:
-        kwargs.update(mean=tuple(p["image_mean"]), std=tuple(p["image_std"]))
-    return PreprocessConfig(**kwargs)
+    return PreprocessConfig(image_size=h if h == w else (h, w), resize_mode="squash" if squash else "shortest",
+                            interpolation=_RESAMPLE.get(p.get("resample", 3), "bicubic"),
+                            mean=tuple(p.get("image_mean", OPENAI_MEAN)), std=tuple(p.get("image_std", OPENAI_STD)))
 
 
 def load_hf_clip(path: PathLike):
@@ -262,8 +253,8 @@ def load_hf_clip(path: PathLike):
     path = Path(path)
     config = path / "config.json"
     if not config.is_file():
-        contents = sorted(p.name for p in path.iterdir()) if path.is_dir() else "not a directory"
-        raise CheckpointError(f"{config}: missing; {path} is not a transformers CLIP directory ({contents})")
+        files = sorted(p.name for p in path.iterdir()) if path.is_dir() else "not a directory"
+        raise CheckpointError(f"{config}: missing; {path} is not a transformers CLIP directory (files: {files})")
     cfg = config_from_hf(json.loads(config.read_text()), source=str(config))
     sd, source = _read_hf_weights(path)
     return build_with_weights(cfg, hf_to_openclip(sd, source), source)
@@ -283,6 +274,7 @@ def save_hf_clip(model, path: PathLike, tokenizer: bool = True,
     written = [_write_json(path / "config.json", hf_cfg), path / "model.safetensors",
                _write_json(path / "preprocessor_config.json", _image_processor_config(pp))]
     if tokenizer:
+        from .openclip_hub import write_hf_tokenizer
         written += write_hf_tokenizer(path, model.cfg.text_cfg.context_length)
     return written
 
@@ -299,26 +291,6 @@ def _image_processor_config(pp: PreprocessConfig) -> dict:
             "resample": resample[pp.interpolation], "do_center_crop": not squash,
             "crop_size": {"height": h, "width": w}, "do_rescale": True, "rescale_factor": 1 / 255,
             "do_normalize": True, "image_mean": list(pp.mean), "image_std": list(pp.std), "do_convert_rgb": True}
-
-
-def write_hf_tokenizer(path: PathLike, context_length: int = 77) -> List[Path]:
-    """vocab.json + merges.txt (from clipforge's BPE file) and configs for transformers' CLIPTokenizer."""
-    from ..tokenizer.bpe import byte_to_unicode, read_merges
-
-    path = Path(path)
-    merges = read_merges()
-    symbols = list(byte_to_unicode().values())
-    tokens = symbols + [s + "</w>" for s in symbols] + [a + b for a, b in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    merges_text = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
-    atomic_write(path / "merges.txt", lambda tmp: Path(tmp).write_text(merges_text, encoding="utf-8"))
-    specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-                "pad_token": "<|endoftext|>"}
-    return [_write_json(path / "vocab.json", vocab), path / "merges.txt",
-            _write_json(path / "tokenizer_config.json", {"tokenizer_class": "CLIPTokenizer", **specials,
-                                                         "model_max_length": context_length,
-                                                         "do_lower_case": True, "errors": "replace"}),
-            _write_json(path / "special_tokens_map.json", specials)]
 
 
 def _write_json(file: Path, obj) -> Path:

@@ -25,6 +25,7 @@ TORCH_NAME = "open_clip_pytorch_model.bin"
 WEIGHT_NAMES = (SAFETENSORS_NAME, "open_clip_pytorch_model.safetensors", TORCH_NAME, "open_clip_pytorch_model.pth")
 _VISION_CORE = ("image_size", "layers", "width", "head_width", "mlp_ratio", "patch_size")
 _TEXT_CORE = ("context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio")
+_SOT, _EOT = "<|startoftext|>", "<|endoftext|>"  # transformers' names for CLIP's special tokens
 _PREPROCESS_KEYS = {"size", "mode", "mean", "std", "interpolation", "resize_mode", "fill_color"}
 
 
@@ -102,10 +103,12 @@ def load_openclip_dir(path: PathLike):
 
 
 def save_openclip_dir(model, path: PathLike, preprocess_cfg: Optional[PreprocessConfig] = None,
-                      safetensors: bool = True, torch_bin: bool = False) -> List[Path]:
+                      safetensors: bool = True, torch_bin: bool = False, tokenizer: bool = True) -> List[Path]:
     """Write ``model`` so ``open_clip.create_model_and_transforms("local-dir:" + path)`` loads it.
 
     ``preprocess_cfg`` defaults to CLIP's (OpenAI mean/std, bicubic) at the model's image size.
+    ``tokenizer`` adds CLIP's BPE as transformers tokenizer files, as ``open_clip.push_to_hf_hub``
+    uploads them (models with a Hugging Face tokenizer are skipped: its files are not ours to write).
     """
     path = Path(path)
     if not (safetensors or torch_bin):
@@ -115,6 +118,8 @@ def save_openclip_dir(model, path: PathLike, preprocess_cfg: Optional[Preprocess
     text = json.dumps(hub, indent=2) + "\n"
     sd = model.state_dict()
     written = []
+    if tokenizer and not model.cfg.text_cfg.hf_tokenizer_name:
+        written += write_hf_tokenizer(path, model.cfg.text_cfg.context_length)
     if safetensors:
         save_safetensors(sd, path / SAFETENSORS_NAME)
         written.append(path / SAFETENSORS_NAME)
@@ -124,3 +129,26 @@ def save_openclip_dir(model, path: PathLike, preprocess_cfg: Optional[Preprocess
     # The config goes last: a directory is only recognised once its weights are complete.
     atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return [path / CONFIG_NAME, *written]
+
+
+def write_hf_tokenizer(path: PathLike, context_length: int = 77) -> List[Path]:
+    """CLIP's BPE as transformers ``CLIPTokenizer`` files (vocab.json, merges.txt, configs).
+
+    Generated from clipforge's own vocabulary file, so no download is needed; ids match OpenCLIP's.
+    """
+    from ..tokenizer.bpe import byte_to_unicode, read_merges
+
+    path = Path(path)
+    merges = read_merges()
+    symbols = list(byte_to_unicode().values())
+    # CLIP's id order: 256 byte symbols, the same with "</w>", one token per merge, then SOT and EOT.
+    tokens = symbols + [s + "</w>" for s in symbols] + [a + b for a, b in merges] + [_SOT, _EOT]
+    specials = dict(bos_token=_SOT, eos_token=_EOT, unk_token=_EOT, pad_token=_EOT)
+    files = {"vocab.json": json.dumps({tok: i for i, tok in enumerate(tokens)}, ensure_ascii=False),
+             "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+             "tokenizer_config.json": json.dumps(dict(tokenizer_class="CLIPTokenizer",
+                                                      model_max_length=context_length, **specials), indent=2),
+             "special_tokens_map.json": json.dumps(specials, indent=2)}
+    for name, text in files.items():
+        atomic_write(path / name, lambda tmp, text=text: Path(tmp).write_text(text, encoding="utf-8"))
+    return [path / name for name in files]
