@@ -151,3 +151,19 @@ def test_compile_matches_eager():
         assert torch.allclose(compiled.encode_image(image), model.encode_image(image), atol=1e-5)
         assert torch.allclose(compiled.encode_text(tokens), model.encode_text(tokens), atol=1e-5)
     assert time.perf_counter() - start < 600
+
+
+def test_zero_shot_weights_equal_evaluate_builder(vit_pair):
+    from clipforge.evaluate.zero_shot import build_zero_shot_classifier
+
+    _, model = vit_pair
+    tok = clipforge.get_tokenizer("ViT-S-32")
+    classes = ["cat", "golden retriever", "red-breasted merganser", "airliner"]
+    templates = ["a photo of a {}.", "itap of a {}.", "a low resolution photo of the {}, taken at night."]
+    with torch.inference_mode():
+        fast = inference.zero_shot_weights(model, tok, classes, templates, batch_size=4)
+        plain = build_zero_shot_classifier(model, tok, classes, templates)
+    assert fast.shape == plain.shape == (model.cfg.embed_dim, len(classes))
+    assert (fast - plain).abs().max().item() <= 1e-6
+    with pytest.raises(ValueError):
+        inference.zero_shot_weights(model, tok, [], templates)

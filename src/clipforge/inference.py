@@ -8,6 +8,7 @@ function                    exact vs fp32?           what it buys
 ==========================  =======================  ==============================================
 ``encode_text_batched``     yes (<= 1e-6)            prompts sorted by length, so every batch stops
                                                      at its own longest EOT instead of position 77
+``zero_shot_weights``       yes (<= 1e-6)            a zero-shot classifier built that way
 ``to_bf16_inference``       no (cos >= 0.99)         bf16 weights/activations on bf16 matmul units;
                                                      norms, final projections and outputs in fp32
 ``to_channels_last``        yes (<= 1e-5)            NHWC convolutions for ResNet towers (oneDNN)
@@ -20,7 +21,7 @@ Measured speed-ups and accuracy deltas are in ``benchmarks/results/latest.md``.
 from __future__ import annotations
 
 import copy
-from typing import Dict, Optional, Tuple, Type
+from typing import Dict, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ from .models.modified_resnet import ModifiedResNet
 from .models.text_transformer import TextTransformer
 from .models.vision_transformer import VisionTransformer
 
-__all__ = ["text_lengths", "encode_text_batched", "to_bf16_inference", "to_channels_last",
+__all__ = ["text_lengths", "encode_text_batched", "zero_shot_weights", "to_bf16_inference", "to_channels_last",
            "quantize_int8", "compile_model", "cosine_to", "FP32_KEPT"]
 
 
@@ -75,6 +76,23 @@ def encode_text_batched(model: CLIP, tokens: torch.Tensor, batch_size: int = 256
     out = torch.empty_like(sorted_feats)
     out[order] = sorted_feats
     return out
+
+
+def zero_shot_weights(model: CLIP, tokenizer, classnames: Sequence[str], templates: Sequence[str],
+                      batch_size: int = 256) -> torch.Tensor:
+    """Zero-shot class weights [D, C] like OpenCLIP's ``build_zero_shot_classifier``, bucketed.
+
+    All ``C * T`` prompts are tokenized together and encoded by :func:`encode_text_batched`; per
+    class, the normalised prompt embeddings are averaged and normalised again (OpenCLIP's
+    arithmetic). Works unchanged on a model prepared by ``to_bf16_inference``/``quantize_int8``.
+    """
+    if len(classnames) == 0 or len(templates) == 0:
+        raise ValueError("need at least one class name and one template")
+    prompts = [t.format(c) for c in classnames for t in templates]  # class-major
+    with torch.no_grad():
+        emb = encode_text_batched(model, tokenizer(prompts), batch_size, normalize=True).float()
+        emb = emb.reshape(len(classnames), len(templates), -1).mean(dim=1)  # [C, T, D] -> [C, D]
+        return F.normalize(emb, dim=-1).T  # [D, C]
 
 
 # Per tower class: the parameters/submodules that bf16 inference keeps in fp32 (besides all norms).

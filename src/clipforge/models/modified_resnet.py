@@ -64,7 +64,7 @@ class AttentionPool2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, dim = x.shape[:2]
-        x = x.to(self.q_proj.weight.dtype)  # a no-op unless the pool is kept in fp32 behind a bf16 trunk
+        x = x.to(self.positional_embedding.dtype)  # a no-op unless the pool is kept fp32 behind a bf16 trunk
         x = x.flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, HW, C]
         x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)  # [B, 1+HW, C]
         x = x + self.positional_embedding.to(x.dtype)
