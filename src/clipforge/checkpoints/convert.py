@@ -75,18 +75,22 @@ def load_any(path: PathLike, model_name: Optional[str] = None):
 
     ``model_name`` picks the architecture of a bare state dict; directories carry their own config.
     """
-    path = Path(path)
+    model, preprocess, _ = _load_any(Path(path), model_name)
+    return model, preprocess
+
+
+def _load_any(path: Path, model_name: Optional[str]):
     if path.is_dir():
         fmt = detect_format(path)
         if fmt == "open_clip_dir":
-            return load_openclip_dir(path)
+            return (*load_openclip_dir(path), fmt)
         model = load_hf_clip(path)
-        return model, read_hf_preprocess(path, model.cfg.vision_cfg.image_size)
+        return model, read_hf_preprocess(path, model.cfg.vision_cfg.image_size), fmt
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     fmt, sd = _classify_file(path)
     cfg = _config_for(sd, model_name, fmt, path)
-    return build_with_weights(cfg, sd, str(path)), PreprocessConfig(image_size=cfg.vision_cfg.image_size)
+    return build_with_weights(cfg, sd, str(path)), PreprocessConfig(image_size=cfg.vision_cfg.image_size), fmt
 
 
 def openai_state_dict(model) -> Dict[str, torch.Tensor]:
@@ -105,20 +109,22 @@ def convert(src: PathLike, dst: PathLike, to: str, model_name: Optional[str] = N
     return _convert(src, dst, to, model_name)[1]
 
 
-def _convert(src: PathLike, dst: PathLike, to: str, model_name: Optional[str]):
+def _convert(src: PathLike, dst: PathLike, to: str, model_name: Optional[str], verbose: bool = False):
     if to not in TARGETS:
         raise ValueError(f"to must be one of {TARGETS}, got {to!r}")
     src, dst = Path(src), Path(dst)
     if dst.exists() and dst.resolve() == src.resolve():
         raise ValueError(f"refusing to convert {src} onto itself")
-    model, preprocess = load_any(src, model_name)
+    if to == "openai" and dst.is_dir():
+        raise ValueError(f"{dst} is a directory; the openai format is a single file (e.g. model.pt)")
+    if to != "openai" and dst.exists() and not dst.is_dir():
+        raise ValueError(f"{dst} is a file; the {to} format is a directory")
+    model, preprocess, fmt = _load_any(src, model_name)
+    if verbose:
+        print(f"read {src} ({fmt})")
     if to == "openai":
-        if dst.is_dir():
-            raise ValueError(f"{dst} is a directory; the openai format is a single file (e.g. model.pt)")
         save_torch(openai_state_dict(model), dst)
         return model, [dst]
-    if dst.exists() and not dst.is_dir():
-        raise ValueError(f"{dst} is a file; the {to} format is a directory")
     if to == "open_clip":
         return model, save_openclip_dir(model, dst, preprocess)
     return model, save_hf_clip(model, dst, preprocess_cfg=preprocess)
@@ -131,8 +137,7 @@ def convert_main(src: str, dst: str, *, to: Literal["openai", "open_clip", "hf"]
     SRC is detected automatically; DST is a .pt file for --to openai, a directory otherwise.
     --model-name picks the architecture of a state dict whose shapes do not identify it.
     """
-    print(f"reading {src} ({detect_format(src)})")
-    model, written = _convert(src, dst, to, model_name)
+    model, written = _convert(src, dst, to, model_name, verbose=True)
     for path in written:
         print(f"wrote {path} ({path.stat().st_size:,} bytes)")
     if to == "openai" and not model.cfg.quick_gelu:
