@@ -1,0 +1,83 @@
+"""Published (model, tag) weights: where they live, what they need, fetching them, listing them."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Iterable, List, Optional, Tuple, Union
+
+from .download import (DEFAULT_URL_CACHE, DownloadError, IntegrityError, download_pretrained, fetch_hub_file,
+                       fetch_url)
+from .tags import _TAGS, HubFile, PretrainedTag, UrlFile
+
+__all__ = ["DEFAULT_URL_CACHE", "DownloadError", "HubFile", "IntegrityError", "PretrainedTag", "UrlFile",
+           "download_pretrained", "fetch_hub_file", "fetch_url", "get_pretrained_cfg", "is_pretrained_tag",
+           "list_pretrained", "list_pretrained_tags_by_model", "model_rows", "models_main", "pretrained_main",
+           "pretrained_rows"]
+
+
+def _registry() -> Dict[str, Dict[str, PretrainedTag]]:
+    """model -> tag -> entry; QuickGELU tags are also listed under the ``-quickgelu`` alias, as OpenCLIP does."""
+    from ..models.registry import list_models
+
+    names = set(list_models())
+    out: Dict[str, Dict[str, PretrainedTag]] = {}
+    for entry in _TAGS:
+        out.setdefault(entry.model, {})[entry.tag] = entry
+    for entry in _TAGS:
+        alias = entry.model + "-quickgelu"
+        if entry.quick_gelu and alias in names:
+            out.setdefault(alias, {})[entry.tag] = dataclasses.replace(entry, model=alias)
+    return out
+
+
+def _clean_tag(tag: str) -> str:
+    return tag.lower().replace("-", "_")
+
+
+def list_pretrained(as_str: bool = False) -> List[Union[Tuple[str, str], str]]:
+    return [f"{m}:{t}" if as_str else (m, t) for m, tags in _registry().items() for t in tags]
+
+
+def list_pretrained_tags_by_model(model: str) -> List[str]:
+    return list(_registry().get(model, {}))
+
+
+def is_pretrained_tag(model: str, tag: str) -> bool:
+    return _clean_tag(tag) in _registry().get(model, {})
+
+
+def get_pretrained_cfg(model: str, tag: str) -> PretrainedTag:
+    tags = _registry().get(model, {})
+    if _clean_tag(tag) not in tags:
+        known = ", ".join(tags) if tags else "none (see clipforge.pretrained.list_pretrained())"
+        raise ValueError(f"unknown pretrained tag {tag!r} for model {model!r}; its tags: {known}")
+    return tags[_clean_tag(tag)]
+
+
+def pretrained_rows(model: Optional[str] = None) -> List[Tuple[str, str, str, str]]:
+    """(model, tag, QuickGELU, sources) for each known tag, optionally of one model."""
+    reg = _registry()
+    models: Iterable[str] = [model] if model else reg
+    return [(m, t.tag, "quick_gelu" if t.quick_gelu else "", " ".join(t.sources))
+            for m in models for t in reg.get(m, {}).values()]
+
+
+def model_rows() -> List[Tuple[str, int]]:
+    """(architecture, number of pretrained tags) for each registered architecture."""
+    from ..models.registry import list_models
+
+    reg = _registry()
+    return [(m, len(reg.get(m, {}))) for m in list_models()]
+
+
+def pretrained_main(model: Optional[str] = None) -> int:
+    """List pretrained (model, tag) pairs: `create_model_and_transforms(model, pretrained=tag)`."""
+    for row in pretrained_rows(model):
+        print("\t".join(row))
+    return 0
+
+
+def models_main() -> int:
+    """List model architectures and how many pretrained tags each has."""
+    for name, count in model_rows():
+        print(f"{name}\t{count}")
+    return 0
