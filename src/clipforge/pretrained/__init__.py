@@ -8,7 +8,7 @@ from .download import (DEFAULT_URL_CACHE, DownloadError, IntegrityError, downloa
                        fetch_url)
 from .tags import _TAGS, HubFile, PretrainedTag, UrlFile
 
-__all__ = ["DEFAULT_URL_CACHE", "DownloadError", "HubFile", "IntegrityError", "PretrainedTag", "UrlFile",
+__all__ = ["DEFAULT_URL_CACHE", "DownloadError", "HubFile", "add_pretrained_tag", "IntegrityError", "PretrainedTag", "UrlFile",
            "download_pretrained", "fetch_hub_file", "fetch_url", "get_pretrained_cfg", "is_pretrained_tag",
            "list_pretrained", "list_pretrained_tags_by_model", "model_rows", "models_main", "pretrained_main",
            "pretrained_rows"]
@@ -27,6 +27,21 @@ def _registry() -> Dict[str, Dict[str, PretrainedTag]]:
         if entry.quick_gelu and alias in names:
             out.setdefault(alias, {})[entry.tag] = dataclasses.replace(entry, model=alias)
     return out
+
+
+def add_pretrained_tag(entry: PretrainedTag) -> None:
+    """Register weights of your own (a private Hub repo, a mirror URL) under a tag of a known model."""
+    from ..models.registry import list_models
+
+    if entry.model not in list_models():
+        raise ValueError(f"{entry.model!r} is not a registered model (clipforge.list_models()); add its config first")
+    if entry.hub is None and entry.url is None:
+        raise ValueError(f"{entry.model}:{entry.tag}: give a Hub file or a URL")
+    if _clean_tag(entry.tag) != entry.tag:
+        raise ValueError(f"tag {entry.tag!r}: tags are lower case with underscores ({_clean_tag(entry.tag)!r})")
+    if entry.tag in _registry().get(entry.model, {}):
+        raise ValueError(f"{entry.model}:{entry.tag} is already registered")
+    _TAGS.append(entry)
 
 
 def _clean_tag(tag: str) -> str:

@@ -138,15 +138,20 @@ def download_pretrained(tag_cfg: PretrainedTag, cache_dir: Optional[Union[str, P
 
 
 def _supply_hint(t: PretrainedTag, failures: List[str], cache_dir) -> str:
-    name = t.model if t.quick_gelu is False or t.model.endswith("-quickgelu") else t.model + "-quickgelu"
     lines = [f"could not fetch pretrained weights {t.model!r} tag {t.tag!r}:"] + [f"  - {f}" for f in failures]
     lines.append("To supply them: download a file above on a machine with network access, then")
     if t.url is not None:
-        lines.append(f"  - put {t.url.filename} into cache_dir (now {cache_dir or DEFAULT_URL_CACHE}), or")
+        lines.append(f"  - put {t.url.filename} into cache_dir (now {cache_dir or DEFAULT_URL_CACHE.expanduser()}), or")
     if t.hub is not None:
         lines.append(f"  - `hf download {t.hub.repo_id} {t.hub.candidates()[0]} --cache-dir DIR` and pass "
                      f"cache_dir=DIR (with HF_HUB_OFFLINE=1 to stay offline), or")
-    pp = "" if t.preprocess(224) == PreprocessConfig() else (
-        f", preprocess=get_pretrained_cfg({t.model!r}, {t.tag!r}).preprocess(IMAGE_SIZE)")
+    from ..models.registry import QUICKGELU_SUFFIX, get_model_config
+
+    cfg = get_model_config(t.model)
+    # a file path carries no tag, so the activation must come from the name (the registry's alias)
+    name = t.model + QUICKGELU_SUFFIX if t.quick_gelu and not cfg.quick_gelu else t.model
+    size = cfg.vision_cfg.image_size
+    pp = "" if t.preprocess(size) == PreprocessConfig(image_size=size) else (
+        f", preprocess=get_pretrained_cfg({t.model!r}, {t.tag!r}).preprocess({size!r})")
     lines.append(f"  - create_model_and_transforms({name!r}, pretrained='/path/to/file'{pp}).")
     return "\n".join(lines)
