@@ -208,6 +208,14 @@ def tiny_ref(tmp_path_factory):
     return ref, hub_dir, images, open_clip.tokenize(CAPTIONS)
 
 
+@pytest.fixture
+def own_tags():
+    """Tags a test registers are dropped afterwards, so the registry tests see only the built-in table."""
+    saved = list(pt.tags._TAGS)
+    yield pt.add_pretrained_tag
+    pt.tags._TAGS[:] = saved
+
+
 def _max_diff(model, ref, images, tokens):
     with torch.no_grad():
         return max((model.encode_image(images) - ref.encode_image(images)).abs().max().item(),
@@ -275,12 +283,11 @@ def test_hf_hub_name_resolves_through_hub_download(tiny_ref, monkeypatch, tmp_pa
     assert torch.equal(clipforge.get_tokenizer("hf-hub:someorg/tiny-clip", cache_dir=tmp_path)(CAPTIONS), tokens)
 
 
-def test_tag_applies_quick_gelu_and_preprocessing(tiny_ref, monkeypatch, tmp_path):
+def test_tag_applies_quick_gelu_and_preprocessing(tiny_ref, monkeypatch, tmp_path, own_tags):
     ref, hub_dir, images, tokens = tiny_ref
     _fake_hub(monkeypatch, {"someorg/tiny-weights": hub_dir})
-    if not pt.is_pretrained_tag(TINY_NAME, "tinytag"):
-        pt.add_pretrained_tag(PretrainedTag(TINY_NAME, "tinytag", HubFile("someorg/tiny-weights"), quick_gelu=True,
-                                            mean=(0.5,) * 3, std=(0.5,) * 3, resize_mode="squash"))
+    own_tags(PretrainedTag(TINY_NAME, "tinytag", HubFile("someorg/tiny-weights"), quick_gelu=True,
+                           mean=(0.5,) * 3, std=(0.5,) * 3, resize_mode="squash"))
     model, _, val = clipforge.create_model_and_transforms(TINY_NAME, pretrained="tinytag", cache_dir=tmp_path)
     assert model.cfg.quick_gelu  # the architecture's JSON says GELU; the tag's weights need QuickGELU
     assert _max_diff(model, ref, images, tokens) < 1e-5
@@ -294,7 +301,7 @@ def test_tag_applies_quick_gelu_and_preprocessing(tiny_ref, monkeypatch, tmp_pat
     with pytest.raises(ValueError, match="precision"):
         clipforge.create_model(TINY_NAME, precision="fp8")
     with pytest.raises(ValueError, match="already registered"):
-        pt.add_pretrained_tag(PretrainedTag(TINY_NAME, "tinytag", HubFile("x/y")))
+        own_tags(PretrainedTag(TINY_NAME, "tinytag", HubFile("x/y")))
 
 
 def test_hub_digest_mismatch_removes_download(tiny_ref, monkeypatch, tmp_path):
@@ -303,3 +310,15 @@ def test_hub_digest_mismatch_removes_download(tiny_ref, monkeypatch, tmp_path):
     with pytest.raises(IntegrityError, match="hf-hub:someorg/bad file open_clip_model.safetensors: sha256"):
         pt.fetch_hub_file("someorg/bad", HubFile("someorg/bad").candidates(), cache_dir=tmp_path)
     assert not (tmp_path / "someorg/bad/open_clip_model.safetensors").exists()
+
+
+def test_url_tag_loads_verified_weights(tiny_ref, http_dir, tmp_path, own_tags):
+    """A tag with only a URL: fetched from the local server, sha256-checked, loaded, cached for next time."""
+    ref, hub_dir, images, tokens = tiny_ref
+    root, base = http_dir
+    shutil.copy(hub_dir / "open_clip_model.safetensors", root / "tiny.safetensors")
+    digest = hashlib.sha256((root / "tiny.safetensors").read_bytes()).hexdigest()
+    own_tags(PretrainedTag(TINY_NAME, "tinyurl", url=UrlFile(f"{base}/tiny.safetensors", digest), quick_gelu=True))
+    model = clipforge.create_model(TINY_NAME, pretrained="tinyurl", cache_dir=tmp_path)
+    assert _max_diff(model, ref, images, tokens) < 1e-5 and (tmp_path / "tiny.safetensors").is_file()
+    assert model.preprocess_cfg == clipforge.PreprocessConfig(image_size=32)  # OpenAI's normalisation by default

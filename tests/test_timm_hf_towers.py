@@ -76,8 +76,8 @@ def test_timm_tower_matches_open_clip(tmp_path, name):
     with torch.no_grad():
         ref_img, our_img = ref.encode_image(image), ours.encode_image(image)
         assert our_img.shape == (2, embed_dim)
-        torch.testing.assert_close(our_img, ref_img, rtol=0, atol=1e-6)
-        torch.testing.assert_close(ours.encode_text(text), ref.encode_text(text), rtol=0, atol=1e-6)
+        torch.testing.assert_close(our_img, ref_img, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours.encode_text(text), ref.encode_text(text), rtol=0, atol=1e-5)
 
 
 def test_timm_tower_surface(tmp_path):
@@ -158,14 +158,14 @@ def test_hf_text_tower_matches_open_clip(tmp_path, tiny_roberta, pooler, proj):
     ids = _padded_ids()
     with torch.no_grad():
         expected = ref.encode_text(ids)
-        torch.testing.assert_close(ours.encode_text(ids), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(ours.encode_text(ids), expected, rtol=0, atol=1e-5)
     # Padding must be masked: changing what sits in padded positions leaves the features unchanged.
     if pooler == "mean_pooler":
         other = ids.clone()
         other[0, 5:] = 1
         other[0, 6] = 1
         with torch.no_grad():
-            torch.testing.assert_close(ours.encode_text(other), expected, rtol=0, atol=1e-6)
+            torch.testing.assert_close(ours.encode_text(other), expected, rtol=0, atol=1e-5)
 
 
 def test_hf_max_pooler_ignores_padding(tmp_path, tiny_roberta):
@@ -178,7 +178,7 @@ def test_hf_max_pooler_ignores_padding(tmp_path, tiny_roberta):
         mask = ids != 1
         hidden = tower.transformer(input_ids=ids, attention_mask=mask.long()).last_hidden_state
         expected = torch.stack([h[m].max(dim=0).values for h, m in zip(hidden, mask)]) @ tower.proj.weight.T
-        torch.testing.assert_close(model.encode_text(ids), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(model.encode_text(ids), expected, rtol=0, atol=1e-5)
 
 
 def test_hf_text_tower_lock_and_checkpointing(tmp_path, tiny_roberta):
