@@ -45,7 +45,10 @@ def _strip_optional(annotation):
 def _add_parameters(parser: argparse.ArgumentParser, fn: Callable) -> None:
     hints = typing.get_type_hints(fn)
     for name, param in inspect.signature(fn).parameters.items():
-        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+        if param.kind == param.VAR_KEYWORD:
+            continue
+        if param.kind == param.VAR_POSITIONAL:  # e.g. train's "key.path=value" overrides
+            parser.add_argument(name, nargs="*", default=[], metavar=name.upper())
             continue
         annotation = _strip_optional(hints.get(name, str))
         origin = typing.get_origin(annotation)
@@ -91,7 +94,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if name is None:
         parser.print_help()
         return 1
-    result = _resolve(COMMANDS[name][0])(**args)
+    fn = _resolve(COMMANDS[name][0])
+    var = [p.name for p in inspect.signature(fn).parameters.values() if p.kind == p.VAR_POSITIONAL]
+    positional = args.pop(var[0]) if var else []
+    result = fn(*positional, **args)
     return result if isinstance(result, int) else 0
 
 

@@ -1,0 +1,112 @@
+"""Metrics out of the training loop: JSONL always, TensorBoard and wandb when asked, PNG plots.
+
+``metrics.jsonl`` is the source of truth: plots are redrawn from it, and on resume the rows
+written after the checkpoint's step are dropped so the file reads as one uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, tensorboard: bool = False, wandb: bool = False,
+                 wandb_project: str = "clipforge", config: Optional[dict] = None, resume_step: Optional[int] = None):
+        self.path = Path(run_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        else:
+            truncate_after(self.path, resume_step)
+        self._tb = self._wandb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ImportError("tensorboard=true needs the tensorboard package: pip install tensorboard") from e
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        if wandb:
+            try:
+                import wandb as wandb_lib
+            except ImportError as e:
+                raise ImportError("wandb=true needs the wandb package: pip install wandb") from e
+            self._wandb = wandb_lib.init(project=wandb_project, name=Path(run_dir).name, config=config,
+                                         dir=str(run_dir), resume="allow")
+
+    def log(self, row: Dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        step = row.get("step", 0)
+        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        if self._tb is not None:
+            for k, v in numbers.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(numbers, step=step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(path: Path) -> List[Dict[str, Any]]:
+    if not Path(path).exists():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def truncate_after(path: Path, step: int) -> None:
+    rows = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def plot_metrics(run_dir: Path) -> List[Path]:
+    """``training_curves.png`` (loss, learning rate, logit scale) and ``validation.png`` if there was any."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(Path(run_dir) / METRICS_FILE)
+    train = [r for r in rows if r.get("kind") == "train"]
+    val = [r for r in rows if r.get("kind") == "val"]
+    written = []
+    if train:
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        steps = [r["step"] for r in train]
+        for ax, key, title in zip(axes, ("loss", "lr", "logit_scale"),
+                                  ("training loss", "learning rate", "logit scale (exp)")):
+            values = [r.get(key, math.nan) for r in train]
+            ax.plot(steps, values)
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        written.append(Path(run_dir) / "training_curves.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    if val:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        steps = [r["step"] for r in val]
+        for k in (1, 5, 10):
+            axes[0].plot(steps, [r[f"image_retrieval_recall@{k}"] for r in val], marker="o", label=f"text→image R@{k}")
+            axes[0].plot(steps, [r[f"text_retrieval_recall@{k}"] for r in val], marker="x", ls="--",
+                         label=f"image→text R@{k}")
+        axes[0].set_title("validation retrieval recall")
+        axes[0].legend(fontsize=7)
+        axes[1].plot(steps, [r["val_loss"] for r in val], marker="o")
+        axes[1].set_title("validation loss")
+        for ax in axes:
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        written.append(Path(run_dir) / "validation.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written

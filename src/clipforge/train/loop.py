@@ -1,0 +1,318 @@
+"""The training loop, top to bottom: set the lr, forward/backward, clip, step, log, validate, save."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import torch
+from tqdm import tqdm
+
+from ..checkpoints.openclip_hub import save_openclip_dir
+from ..config import CLIPConfig
+from ..data.robust import DataError
+from ..factory import create_model, get_tokenizer, preprocess_config
+from ..loss import ClipLoss, SigLipLoss
+from ..models.clip import CLIP
+from ..models.layers import PatchDropout
+from ..transforms import image_transform
+from .checkpoint import (gather_rng_states, load_optimizer_state, model_state, optimizer_state,
+                         read_training_checkpoint, resolve_resume, save_checkpoint, set_rng_state)
+from .config import LossSettings, ModelSettings, TrainConfig, save_config
+from .distributed import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown_distributed, unwrap, wrap_model
+from .logger import MetricsLogger, plot_metrics
+from .optim import build_optimizer, lr_at, set_lr
+from .step import forward_backward
+from .validate import build_val_loader, validate
+
+MAX_LOGIT_SCALE = math.log(100)  # OpenCLIP clamps the learned temperature at 100
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def model_source(cfg: ModelSettings):
+    """What ``create_model`` and ``get_tokenizer`` take: an inline config, a JSON file's config, or a name."""
+    if cfg.config is not None:
+        return CLIPConfig.from_dict(cfg.config)
+    if cfg.name and cfg.name.endswith(".json") and Path(cfg.name).is_file():
+        return CLIPConfig.from_dict(json.loads(Path(cfg.name).read_text()))
+    if cfg.name is None:
+        raise ValueError("model.name or model.config is required")
+    return cfg.name
+
+
+def build_model(cfg: ModelSettings) -> CLIP:
+    """The model with its starting weights, patch dropout, locked towers and checkpointing applied."""
+    model = create_model(model_source(cfg), pretrained=cfg.pretrained)
+    if cfg.patch_dropout is not None:
+        if not hasattr(model.visual, "patch_dropout"):
+            raise ValueError("model.patch_dropout needs a ViT image tower")
+        model.visual.patch_dropout = PatchDropout(cfg.patch_dropout)
+        model.cfg.vision_cfg.patch_dropout = cfg.patch_dropout
+    if cfg.lock_image:
+        model.lock_image_tower(cfg.lock_image_unlocked_groups)
+    if cfg.lock_text:
+        model.lock_text_tower(cfg.lock_text_unlocked_layers)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model.train()
+
+
+def build_loss(cfg: LossSettings, info: DistInfo) -> torch.nn.Module:
+    if cfg.kind == "siglip":
+        return SigLipLoss(rank=info.rank, world_size=info.world_size, dist_impl=cfg.siglip_dist_impl)
+    return ClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad, cache_labels=True,
+                    rank=info.rank, world_size=info.world_size, chunk_size=cfg.chunk_size)
+
+
+def _micro_batches(loader, accum: int, consumed: List[int]) -> Iterator[List]:
+    """Groups of ``accum`` non-empty batches; ``consumed[0]`` counts raw batches taken (empty ones too)."""
+    group = []
+    for batch in loader.batches():
+        consumed[0] += 1
+        if batch.images.shape[0] == 0:
+            continue  # every sample of this batch was broken; counted in loader.stats
+        group.append((batch.images, batch.texts))
+        if len(group) == accum:
+            yield group
+            group = []
+
+
+def train(cfg: TrainConfig) -> Dict[str, Any]:
+    """Run (or resume) training as configured; returns the run summary (also in ``summary.json``)."""
+    info = init_distributed(cfg.device)
+    try:
+        return Trainer(cfg, info).run()
+    finally:
+        shutdown_distributed()
+
+
+class Trainer:
+    """State of one run; :meth:`run` is the loop. Split only so saving and validation read as one line each."""
+
+    def __init__(self, cfg: TrainConfig, info: DistInfo):
+        self.cfg, self.info = cfg, info
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if cfg.precision == "fp16" and info.device.type != "cuda":
+            raise ValueError("precision fp16 needs a GPU (a grad scaler over fp16 autocast); use bf16 on the CPU")
+        self.run_dir = cfg.run_dir
+        resume_path = resolve_resume(cfg.resume, self.run_dir)
+        resumed = read_training_checkpoint(resume_path) if resume_path else None
+        seed_everything(cfg.seed + info.rank)
+
+        model = build_model(cfg.model)
+        if resumed is not None:
+            model.load_state_dict(resumed["state_dict"])
+        self.model = model.to(info.device)
+        source = model_source(cfg.model)
+        self.tokenizer = get_tokenizer(source if not isinstance(source, CLIPConfig) else source)
+        pp = preprocess_config(model)
+        self.preprocess = pp
+        data_cfg = cfg.data
+        if data_cfg.kind == "synthetic":  # random tensors shaped for this model
+            data_cfg = dataclasses.replace(data_cfg, image_size=model.cfg.vision_cfg.image_size,
+                                           context_length=model.context_length,
+                                           vocab_size=model.cfg.text_cfg.vocab_size)
+        self.loader = _build_train_loader(data_cfg, image_transform(pp, True, cfg.aug), self.tokenizer, cfg, info)
+        self.steps_per_epoch = self.loader.num_batches // cfg.accum_freq
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"one epoch has {self.loader.num_batches} batches of {cfg.batch_size} per rank, "
+                             f"fewer than accum_freq={cfg.accum_freq}: use less data per step or more data")
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+
+        self.wrapped = wrap_model(self.model, cfg.distributed, info)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        self.loss_fn = build_loss(cfg.loss, info)
+        self.step = self.epoch = self.batch_in_epoch = 0
+        if resumed is not None:
+            self._restore(resumed)
+        self.val_loader = build_val_loader(cfg.val, image_transform(pp, False)) if cfg.val.data else None
+        self.logger = None
+        if info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            self.logger = MetricsLogger(self.run_dir, cfg.tensorboard, cfg.wandb, cfg.wandb_project,
+                                        cfg.to_dict(), resume_step=self.step if resumed is not None else None)
+        self.last_saved_step: Optional[int] = self.step if resumed is not None else None
+        self.last_val: Dict[str, float] = {}
+
+    def _restore(self, state: Dict[str, Any]) -> None:
+        load_optimizer_state(self.optimizer, state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch"]
+        rng = state.get("rng") or []
+        if len(rng) == self.info.world_size:
+            set_rng_state(rng[self.info.rank])
+        stats = state.get("data_stats") or {}
+        self.loader.stats.seen = stats.get("seen", 0)
+        self.loader.stats.skipped = stats.get("skipped", 0)
+        self.loader.stats.reasons = dict(stats.get("reasons", {}))
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def run(self) -> Dict[str, Any]:
+        cfg, info = self.cfg, self.info
+        accum = cfg.accum_freq
+        start_time, start_step = time.perf_counter(), self.step
+        samples_done = 0
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress and info.is_main),
+                   desc="train", unit="step", dynamic_ncols=True)
+        while self.step < self.total_steps:
+            self.loader.set_epoch(self.epoch, self.batch_in_epoch)
+            consumed = [self.batch_in_epoch]
+            epoch_end = self.steps_per_epoch * accum
+            window_start, window_samples = time.perf_counter(), 0
+            reached_total, epoch_start_step = False, self.step
+            for micro in _micro_batches(self.loader, accum, consumed):
+                lr = lr_at(self.step, cfg.optim, self.total_steps)
+                set_lr(self.optimizer, lr)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = forward_backward(self.wrapped, self.loss_fn, micro, cfg.precision, info.device, self._backward)
+                loss = all_reduce_mean(loss.float(), info)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss is {loss.item()} at step {self.step + 1} (epoch {self.epoch}, lr {lr:.3g}); stopped "
+                        f"before the optimizer step. Last good checkpoint: "
+                        f"{self._last_checkpoint_text()}. Lower optim.lr, add optim.grad_clip_norm, or use fp32.")
+                self._optimizer_step()
+                self.step += 1
+                self.batch_in_epoch = consumed[0]
+                n = sum(img.shape[0] for img, _ in micro) * info.world_size
+                samples_done += n
+                window_samples += n
+                bar.update(1)
+                if self.step % cfg.log_every_n_steps == 0 or self.step == self.total_steps:
+                    rate = window_samples / max(time.perf_counter() - window_start, 1e-9)
+                    self._log_train(loss.item(), lr, rate)
+                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+                    window_start, window_samples = time.perf_counter(), 0
+                if cfg.val.every_n_steps and self.step % cfg.val.every_n_steps == 0:
+                    self._validate()
+                if cfg.save_every_n_steps and self.step % cfg.save_every_n_steps == 0:
+                    self._save()
+                if consumed[0] >= epoch_end:
+                    break  # the ragged tail of fewer than accum_freq batches is dropped
+                if self.step >= self.total_steps:
+                    reached_total = True
+                    break
+            if self.step == epoch_start_step and not reached_total:
+                raise DataError(f"epoch {self.epoch} gave no training batch: {self.loader.stats.summary()}")
+            if not reached_total:  # the epoch ran to its end (or its data ran out)
+                self.epoch += 1
+                self.batch_in_epoch = 0
+                if cfg.val.every_n_epochs and self.epoch % cfg.val.every_n_epochs == 0:
+                    self._validate()
+                if cfg.save_every_n_epochs and self.epoch % cfg.save_every_n_epochs == 0:
+                    self._save()
+        bar.close()
+        if self.last_saved_step != self.step:
+            self._save()
+        if cfg.val.data and self.last_val.get("step") != self.step:
+            self._validate()
+        wall = time.perf_counter() - start_time
+        return self._finish(wall, samples_done, self.step - start_step)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def _optimizer_step(self) -> None:
+        cfg = self.cfg
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if cfg.optim.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        with torch.no_grad():
+            unwrap(self.model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+    # -- side work: logging, validation, checkpoints ---------------------------------------------------
+    def _log_train(self, loss: float, lr: float, samples_per_s: float) -> None:
+        if self.logger is None:
+            return
+        stats = self.loader.stats
+        self.logger.log({"kind": "train", "step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr,
+                         "logit_scale": unwrap(self.model).logit_scale.exp().item(),
+                         "samples_per_s": samples_per_s, "samples_seen": stats.seen,
+                         "samples_skipped": stats.skipped})
+
+    def _validate(self) -> None:
+        if self.val_loader is None:
+            return
+        sharded = self.cfg.distributed == "fsdp" and self.info.distributed
+        if self.info.is_main or sharded:  # FSDP2 forward needs every rank; DDP evaluates on rank 0 only
+            metrics = validate(unwrap(self.model), self.tokenizer, self.val_loader, self.cfg.val.batch_size,
+                               self.cfg.loss.kind, self.info.device, progress=False)
+            self.last_val = {"step": self.step, **metrics}
+            if self.logger is not None:
+                self.logger.log({"kind": "val", "step": self.step, "epoch": self.epoch, **metrics})
+                tqdm.write(f"step {self.step}: val loss {metrics['val_loss']:.4f}, text→image R@1/5/10 "
+                           + "/".join(f"{metrics[f'image_retrieval_recall@{k}']:.3f}" for k in (1, 5, 10)))
+        barrier(self.info)
+
+    def _save(self) -> None:
+        state = {"state_dict": model_state(self.model), "optimizer": optimizer_state(self.optimizer),
+                 "rng": gather_rng_states(self.info.world_size)}
+        if self.info.is_main:
+            state.update(step=self.step, epoch=self.epoch, batch=self.batch_in_epoch,
+                         scaler=self.scaler.state_dict() if self.scaler is not None else None,
+                         config=self.cfg.to_dict(), model_config=self.model.cfg.to_dict(),
+                         world_size=self.info.world_size, data_stats=self.loader.stats.state_dict())
+            save_checkpoint(state, self.run_dir, self.cfg.keep_last)
+            plot_metrics(self.run_dir)
+        self.last_saved_step = self.step
+        barrier(self.info)
+
+    def _last_checkpoint_text(self) -> str:
+        from .checkpoint import list_checkpoints
+
+        found = list_checkpoints(self.run_dir)
+        return str(found[-1]) if found else "none yet"
+
+    def _finish(self, wall: float, samples: int, steps: int) -> Dict[str, Any]:
+        summary: Dict[str, Any] = {"steps": self.step, "epochs_completed": self.epoch, "wall_seconds": wall,
+                                   "samples_per_s": samples / max(wall, 1e-9), "steps_this_run": steps,
+                                   "data": self.loader.stats.state_dict(), "val": self.last_val}
+        state = model_state(self.model) if self.cfg.distributed == "fsdp" and self.info.distributed else None
+        if self.info.is_main:
+            export = unwrap(self.model)
+            if state is not None:
+                export = CLIP(self.model.cfg)
+                export.load_state_dict(state)
+            save_openclip_dir(export, self.run_dir / "final", preprocess_cfg=self.preprocess)
+            plot_metrics(self.run_dir)
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            if self.logger is not None:
+                self.logger.close()
+            tqdm.write(f"done: {self.step} steps, {summary['samples_per_s']:.1f} samples/s, "
+                       f"{self.loader.stats.summary()}; model in {self.run_dir / 'final'}")
+        barrier(self.info)
+        return summary
+
+
+def _build_train_loader(data_cfg, transform: Callable, tokenizer, cfg: TrainConfig, info: DistInfo):
+    from ..data.loader import build_train_loader
+
+    return build_train_loader(data_cfg, transform, tokenizer, cfg.batch_size, rank=info.rank,
+                              world_size=info.world_size, seed=cfg.seed, workers=cfg.workers,
+                              pin_memory=info.device.type == "cuda")

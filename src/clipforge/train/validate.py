@@ -1,0 +1,58 @@
+"""Validation during training: retrieval recall and contrastive loss on a held-out caption set.
+
+Images and captions are encoded once per evaluation (by the evaluation module); the validation
+loss is then computed from those embeddings, pairing each image with its first caption, in
+batches of ``val.batch_size`` pairs (the loss depends on the batch size, so it is fixed).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..data.captions import CaptionGroups
+from ..data.loader import DataConfig, read_records
+from ..evaluate.datasets import CaptionedImages, captions_collate
+from ..evaluate.metrics import retrieval_metrics
+from ..evaluate.retrieval import retrieval_embeddings
+from ..loss import ClipLoss, SigLipLoss
+from .config import ValSettings
+
+
+def build_val_loader(cfg: ValSettings, transform: Callable) -> DataLoader:
+    """Images with all their captions, in file order; the caption file is read as training data is."""
+    source = DataConfig(kind=cfg.kind, train_data=cfg.data, img_key=cfg.img_key, caption_key=cfg.caption_key)
+    groups = CaptionGroups.from_records(read_records(source))
+    ds = CaptionedImages(list(zip(groups.image_paths, groups.captions)), transform)
+    return DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers,
+                      collate_fn=captions_collate)
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, tokenizer: Callable, loader: DataLoader, batch_size: int,
+             loss_kind: str, device: torch.device, progress: bool = False) -> Dict[str, float]:
+    """``val_loss`` plus clip_benchmark's retrieval metrics (``image_retrieval_recall@k`` ...)."""
+    was_training = model.training
+    model.eval()
+    try:
+        image_emb, text_emb, owner = retrieval_embeddings(model, tokenizer, loader, device, use_tqdm=progress)
+        metrics = retrieval_metrics(image_emb, text_emb, owner)
+        first = torch.full((len(image_emb),), -1, dtype=torch.long)
+        for t in range(len(owner) - 1, -1, -1):  # backwards, so the first caption of each image wins
+            first[owner[t]] = t
+        scale = model.logit_scale.exp().float().cpu()
+        bias = model.logit_bias.float().cpu() if getattr(model, "logit_bias", None) is not None else None
+        loss_fn = SigLipLoss() if loss_kind == "siglip" else ClipLoss()
+        total, pairs = 0.0, 0
+        for start in range(0, len(image_emb), batch_size):
+            img = image_emb[start:start + batch_size]
+            txt = text_emb[first[start:start + batch_size]]
+            if len(img) < 2:
+                break  # a 1-pair "batch" has no negatives
+            total += loss_fn(img, txt, scale, bias).item() * len(img)
+            pairs += len(img)
+        metrics["val_loss"] = total / max(pairs, 1)
+    finally:
+        model.train(was_training)
+    return {k: float(v) for k, v in metrics.items()}
