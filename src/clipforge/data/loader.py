@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
+import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -85,6 +86,7 @@ class TrainLoader:
         self.dataloader, self.num_batches, self.num_samples = dataloader, num_batches, num_samples
         self.batch_size, self.stats, self.sampler, self.stream = batch_size, stats, sampler, stream
         self.epoch, self.start_batch = 0, 0
+        self.seed = 0  # worker seeds derive from (seed, epoch), never from the global RNG
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch; ``start_batch`` resumes after that many batches of it.
@@ -95,6 +97,9 @@ class TrainLoader:
         if not 0 <= start_batch <= self.num_batches:
             raise ValueError(f"start_batch {start_batch} outside 0..{self.num_batches}")
         self.epoch, self.start_batch = epoch, start_batch
+        # DataLoader draws its workers' base seed from this generator (else from the global RNG,
+        # which would shift every later random draw by one on resume).
+        self.dataloader.generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         if self.sampler is not None:
             self.sampler.set_epoch(epoch, start_batch * self.batch_size)
         if self.stream is not None:
@@ -155,6 +160,7 @@ def build_train_loader(cfg: DataConfig, transform: Callable, tokenize: Callable,
         dl = DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=cfg.drop_last, **kw)
         num_batches = len(dl)
         loader = TrainLoader(dl, num_batches, len(ds), batch_size, stats, sampler=sampler)
+    loader.seed = seed
     loader.set_epoch(0)
     return loader
 

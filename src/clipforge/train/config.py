@@ -149,7 +149,7 @@ def _plain(obj: Any) -> Any:
 def build_dataclass(cls: type, d: Dict[str, Any], where: str) -> Any:
     """A dataclass from a nested dict; an unknown key fails naming its dotted path and the known ones."""
     if not isinstance(d, dict):
-        raise TypeError(f"{where}: expected a mapping, got {type(d).__name__}")
+        raise ValueError(f"{where}: expected a mapping, got {type(d).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(fields))
@@ -179,13 +179,13 @@ def _coerce(annotation: Any, value: Any, where: str) -> Any:
         return value if isinstance(value, annotation) else build_dataclass(annotation, value, where)
     if origin in (tuple, Sequence, list, List) or annotation in (tuple, list):
         if not isinstance(value, (list, tuple)):
-            raise TypeError(f"{where}: expected a list, got {value!r}")
+            raise ValueError(f"{where}: expected a list, got {value!r}")
         inner = args[0] if args and args[0] is not Ellipsis else Any
         items = [_coerce(inner, v, where) for v in value]
         return tuple(items) if origin is tuple or annotation is tuple else items
     if origin in (dict, Dict) or annotation is dict:
         if not isinstance(value, dict):
-            raise TypeError(f"{where}: expected a mapping, got {value!r}")
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
         return value
     if origin is Literal:
         if value not in args:
@@ -193,19 +193,24 @@ def _coerce(annotation: Any, value: Any, where: str) -> Any:
         return value
     if annotation is bool:
         if not isinstance(value, bool):
-            raise TypeError(f"{where}: expected true/false, got {value!r}")
+            raise ValueError(f"{where}: expected true/false, got {value!r}")
         return value
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{where}: expected an integer, got {value!r}")
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
         return value
     if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{where}: expected a number, got {value!r}")
+            raise ValueError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if annotation is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise TypeError(f"{where}: expected a string, got {value!r}")
+            raise ValueError(f"{where}: expected a string, got {value!r}")
         return str(value)
     return value
 

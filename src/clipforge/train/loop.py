@@ -114,9 +114,9 @@ class Trainer:
         self.run_dir = cfg.run_dir
         resume_path = resolve_resume(cfg.resume, self.run_dir)
         resumed = read_training_checkpoint(resume_path) if resume_path else None
-        seed_everything(cfg.seed + info.rank)
-
+        seed_everything(cfg.seed)  # the same initial weights on every rank (FSDP2 does not broadcast them)
         model = build_model(cfg.model)
+        seed_everything(cfg.seed + info.rank)  # then per-rank streams for augmentation and patch dropout
         if resumed is not None:
             model.load_state_dict(resumed["state_dict"])
         self.model = model.to(info.device)
