@@ -65,7 +65,11 @@ def shutdown_distributed() -> None:
 
 
 def wrap_model(model: nn.Module, kind: str, info: DistInfo) -> nn.Module:
-    """DDP, or FSDP2 with every residual block and then the whole model sharded."""
+    """DDP, or FSDP2 with every residual block and then each tower sharded.
+
+    FSDP2 cannot shard 0-d parameters, so the logit scale/bias stay whole on every rank; their
+    gradients are averaged by :func:`sync_replicated_grads` (DDP would do it for us).
+    """
     if not info.distributed:
         return model
     if kind == "ddp":
@@ -80,8 +84,38 @@ def wrap_model(model: nn.Module, kind: str, info: DistInfo) -> nn.Module:
         if isinstance(blocks, nn.ModuleList):
             for block in blocks:
                 fully_shard(block)
-    fully_shard(model)
+    for tower in (model.visual, model.text):
+        fully_shard(tower)
     return model
+
+
+def replicated_params(model: nn.Module, kind: str, info: DistInfo) -> list:
+    """Parameters whose gradients no wrapper averages (FSDP2's unsharded scalars)."""
+    if not info.distributed or kind != "fsdp":
+        return []
+    return [p for p in model.parameters() if p.requires_grad and not hasattr(p, "device_mesh")]
+
+
+def sync_replicated_grads(params: list, info: DistInfo) -> None:
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= info.world_size
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """Clip by the global norm, for plain and FSDP2-sharded (DTensor) gradients alike."""
+    grads = [p.grad for p in params if p.grad is not None]
+    squares = []
+    for g in grads:
+        n = torch.linalg.vector_norm(g.float())
+        full = getattr(n, "full_tensor", None)
+        squares.append((full() if callable(full) else n) ** 2)
+    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype) if not hasattr(g, "device_mesh") else coef.item())
+    return total
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -98,14 +132,14 @@ def no_grad_sync(model: nn.Module, skip: bool) -> Iterator[None]:
         with model.no_sync():
             yield
         return
-    if hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
-        return
-    yield
+    sharded = [m for m in model.modules() if hasattr(m, "set_requires_gradient_sync")]  # FSDP2 towers
+    for m in sharded:
+        m.set_requires_gradient_sync(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in sharded:
+            m.set_requires_gradient_sync(True, recurse=False)
 
 
 def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:

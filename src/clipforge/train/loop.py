@@ -22,7 +22,8 @@ from ..transforms import image_transform
 from .checkpoint import (gather_rng_states, load_optimizer_state, model_state, optimizer_state,
                          read_training_checkpoint, resolve_resume, save_checkpoint, set_rng_state)
 from .config import LossSettings, ModelSettings, TrainConfig, save_config
-from .distributed import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown_distributed, unwrap, wrap_model
+from .distributed import (DistInfo, all_reduce_mean, barrier, clip_grad_norm, init_distributed, replicated_params,
+                          shutdown_distributed, sync_replicated_grads, unwrap, wrap_model)
 from .logger import MetricsLogger, plot_metrics
 from .optim import build_optimizer, lr_at, set_lr
 from .step import forward_backward
@@ -137,6 +138,7 @@ class Trainer:
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
 
         self.wrapped = wrap_model(self.model, cfg.distributed, info)
+        self.replicated = replicated_params(self.model, cfg.distributed, info)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
         self.loss_fn = build_loss(cfg.loss, info)
@@ -234,10 +236,11 @@ class Trainer:
 
     def _optimizer_step(self) -> None:
         cfg = self.cfg
+        sync_replicated_grads(self.replicated, self.info)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if cfg.optim.grad_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip_norm)
+            clip_grad_norm(self.model.parameters(), cfg.optim.grad_clip_norm)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
