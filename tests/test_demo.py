@@ -11,7 +11,7 @@ from PIL import Image
 
 from clipforge import PreprocessConfig
 from clipforge.data.synthetic import COLORS, SHAPES
-from clipforge.demo import (DemoConfig, cosine_lr, cycle_heldout, demo_main, images_to_tensor, make_demo_data,
+from clipforge.demo import (DemoConfig, optim_settings, cycle_heldout, demo_main, images_to_tensor, make_demo_data,
                             quick_config,
                             run_demo, train)
 from clipforge.demo_report import PLOTS
@@ -109,7 +109,10 @@ def test_fast_preprocessing_equals_eval_transform():
 
 
 def test_cosine_schedule():
-    lrs = [cosine_lr(s, 1.0, 10, 110) for s in range(110)]
+    from clipforge.train import lr_at
+
+    optim = optim_settings(replace(quick_config(), lr=1.0, warmup_steps=10))
+    lrs = [lr_at(s, optim, 110) for s in range(110)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[10] == pytest.approx(1.0) and lrs[60] == pytest.approx(0.5)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 1e-3

@@ -286,3 +286,42 @@ def test_fine_tune_from_pretrained_file_and_wise_ft(tsv, tmp_path):
         interpolate_weights(zero, tuned, 1.5)
     with pytest.raises(ValueError, match="different tensors"):
         interpolate_weights({k: v for k, v in zero.items() if k != "logit_scale"}, tuned, 0.5)
+
+
+def test_ranks_from_torchrun_or_slurm_environment(monkeypatch):
+    from clipforge.train.distributed import _env_ranks
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "MASTER_ADDR"):
+        monkeypatch.delenv(var, raising=False)
+    assert _env_ranks() == (0, 0, 1)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    with pytest.raises(RuntimeError, match="MASTER_ADDR"):
+        _env_ranks()
+    monkeypatch.setenv("MASTER_ADDR", "node001")
+    assert _env_ranks() == (5, 1, 8)
+    monkeypatch.setenv("RANK", "3")  # torchrun's variables win over SLURM's
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert _env_ranks() == (3, 3, 4)
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from clipforge.train.checkpoint import save_checkpoint
+
+    save_checkpoint({"step": 1, "state_dict": {"w": torch.ones(2)}}, tmp_path, keep_last=2)
+
+    def dies_midway(obj, f, *args, **kwargs):
+        with open(f, "wb") as fh:
+            fh.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"step": 2, "state_dict": {"w": torch.zeros(2)}}, tmp_path, keep_last=2)
+    monkeypatch.undo()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001.pt"]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    assert torch.equal(clipforge.checkpoints.read_checkpoint(list_checkpoints(tmp_path)[0])["state_dict"]["w"],
+                       torch.ones(2))

@@ -7,7 +7,6 @@ reports against chance. Nothing is downloaded: data, tokenizer vocabulary and mo
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -24,6 +23,10 @@ from .evaluate.zero_shot import build_zero_shot_classifier
 from .loss import ClipLoss
 from .models.clip import CLIP
 from .tokenizer import CLIPTokenizer
+from .train.config import OptimSettings
+from .train.loop import MAX_LOGIT_SCALE
+from .train.optim import build_optimizer, lr_at, set_lr
+from .train.step import forward_backward
 
 
 @dataclass
@@ -90,31 +93,23 @@ def images_to_tensor(images: np.ndarray) -> torch.Tensor:
     return (x - mean) / std
 
 
-def cosine_lr(step: int, base_lr: float, warmup: int, total: int) -> float:
-    """Linear warm-up then cosine decay to zero, OpenCLIP's default schedule."""
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * base_lr * (1.0 + math.cos(math.pi * progress))
-
-
-def param_groups(model: CLIP, weight_decay: float) -> List[Dict]:
-    """Decay matrices only: gains, biases, class token and logit scale are left undecayed, as OpenCLIP does."""
-    skip = model.no_weight_decay()
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or name in skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def optim_settings(cfg: DemoConfig) -> OptimSettings:
+    """The demo's optimiser as the trainer's settings: AdamW + warm-up and cosine decay."""
+    return OptimSettings(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, schedule="cosine")
 
 
 def train(model: CLIP, images: np.ndarray, tokens: torch.Tensor, cfg: DemoConfig,
           progress: bool = True) -> TrainHistory:
-    """AdamW + cosine schedule over seeded random batches; images stay uint8 until batched (memory)."""
+    """The trainer's optimiser, schedule and step over seeded in-memory batches.
+
+    Images stay uint8 until batched (memory), which is why this does not go through the file-based
+    loaders of ``clipforge train``.
+    """
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    optim = optim_settings(cfg)
+    opt = build_optimizer(model, optim)
     loss_fn = ClipLoss()
+    cpu = torch.device("cpu")
     hist = TrainHistory([], [], [], 0.0)
     order, pos = torch.randperm(len(images), generator=gen), 0
     start = time.perf_counter()
@@ -125,16 +120,13 @@ def train(model: CLIP, images: np.ndarray, tokens: torch.Tensor, cfg: DemoConfig
             order, pos = torch.randperm(len(images), generator=gen), 0
         idx = order[pos:pos + cfg.batch_size]
         pos += cfg.batch_size
-        lr = cosine_lr(step, cfg.lr, cfg.warmup_steps, cfg.steps)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        out = model(images_to_tensor(images[idx.numpy()]), tokens[idx])
-        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        lr = lr_at(step, optim, cfg.steps)
+        set_lr(opt, lr)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = forward_backward(model, loss_fn, [(images_to_tensor(images[idx.numpy()]), tokens[idx])], "fp32", cpu)
         opt.step()
-        with torch.no_grad():  # OpenCLIP clamps the learned temperature at 100
-            model.logit_scale.clamp_(0, math.log(100))
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         hist.loss.append(loss.item())
         hist.logit_scale.append(model.logit_scale.exp().item())
         hist.lr.append(lr)

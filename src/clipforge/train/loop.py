@@ -121,8 +121,7 @@ class Trainer:
         if resumed is not None:
             model.load_state_dict(resumed["state_dict"])
         self.model = model.to(info.device)
-        source = model_source(cfg.model)
-        self.tokenizer = get_tokenizer(source if not isinstance(source, CLIPConfig) else source)
+        self.tokenizer = get_tokenizer(model_source(cfg.model))
         pp = preprocess_config(model)
         self.preprocess = pp
         data_cfg = cfg.data
@@ -154,6 +153,7 @@ class Trainer:
                                         cfg.to_dict(), resume_step=self.step if resumed is not None else None)
         self.last_saved_step: Optional[int] = self.step if resumed is not None else None
         self.last_val: Dict[str, float] = {}
+        self.last_val_step: Optional[int] = None  # on every rank, so all ranks take the same branches
 
     def _restore(self, state: Dict[str, Any]) -> None:
         load_optimizer_state(self.optimizer, state["optimizer"])
@@ -226,7 +226,7 @@ class Trainer:
         bar.close()
         if self.last_saved_step != self.step:
             self._save()
-        if cfg.val.data and self.last_val.get("step") != self.step:
+        if cfg.val.data and self.last_val_step != self.step:
             self._validate()
         wall = time.perf_counter() - start_time
         return self._finish(wall, samples_done, self.step - start_step)
@@ -262,6 +262,7 @@ class Trainer:
     def _validate(self) -> None:
         if self.val_loader is None:
             return
+        self.last_val_step = self.step
         sharded = self.cfg.distributed == "fsdp" and self.info.distributed
         if self.info.is_main or sharded:  # FSDP2 forward needs every rank; DDP evaluates on rank 0 only
             metrics = validate(unwrap(self.model), self.tokenizer, self.val_loader, self.cfg.val.batch_size,
