@@ -77,20 +77,24 @@ def plot_metrics(run_dir: Path) -> List[Path]:
     train = [r for r in rows if r.get("kind") == "train"]
     val = [r for r in rows if r.get("kind") == "val"]
     written = []
+
+    def save(fig, axes, name: str) -> None:
+        for ax in axes:
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        written.append(Path(run_dir) / name)
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+
     if train:
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
         steps = [r["step"] for r in train]
         for ax, key, title in zip(axes, ("loss", "lr", "logit_scale"),
                                   ("training loss", "learning rate", "logit scale (exp)")):
-            values = [r.get(key, math.nan) for r in train]
-            ax.plot(steps, values)
+            ax.plot(steps, [r.get(key, math.nan) for r in train])
             ax.set_title(title)
-            ax.set_xlabel("step")
-            ax.grid(alpha=0.3)
-        fig.tight_layout()
-        written.append(Path(run_dir) / "training_curves.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        save(fig, axes, "training_curves.png")
     if val:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
         steps = [r["step"] for r in val]
@@ -102,11 +106,5 @@ def plot_metrics(run_dir: Path) -> List[Path]:
         axes[0].legend(fontsize=7)
         axes[1].plot(steps, [r["val_loss"] for r in val], marker="o")
         axes[1].set_title("validation loss")
-        for ax in axes:
-            ax.set_xlabel("step")
-            ax.grid(alpha=0.3)
-        fig.tight_layout()
-        written.append(Path(run_dir) / "validation.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        save(fig, axes, "validation.png")
     return written
