@@ -267,7 +267,7 @@ def demo_main(out: str = "runs/demo", quick: bool = False, steps: Optional[int] 
     metrics = run_demo(out_dir=out, steps=steps, seed=seed, quick=quick)
     print(f"report: {Path(out) / 'report.md'}")
     print(f"seen-pair zero-shot accuracy: {metrics['seen_zeroshot_acc1']:.1%} (chance {metrics['seen_chance']:.1%})")
-    print(f"retrieval R@1/5/10 (text->image): " + "/".join(
+    print("retrieval R@1/5/10 (text->image): " + "/".join(
         f"{metrics[f'image_retrieval_recall@{k}']:.1%}" for k in (1, 5, 10)))
     print(f"held-out zero-shot accuracy: {metrics['heldout_zeroshot_acc1']:.1%} "
           f"(chance {metrics['heldout_chance']:.1%}; among all {round(1 / metrics['all_classes_chance'])} classes "

@@ -6,20 +6,21 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 from tqdm import tqdm
 
 from ..checkpoints.openclip_hub import save_openclip_dir
 from ..config import CLIPConfig
+from ..data.loader import build_train_loader
 from ..data.robust import DataError
 from ..factory import create_model, get_tokenizer, preprocess_config
 from ..loss import ClipLoss, SigLipLoss
 from ..models.clip import CLIP
 from ..models.layers import PatchDropout
 from ..transforms import image_transform
-from .checkpoint import (gather_rng_states, load_optimizer_state, model_state, optimizer_state,
+from .checkpoint import (gather_rng_states, list_checkpoints, load_optimizer_state, model_state, optimizer_state,
                          read_training_checkpoint, resolve_resume, save_checkpoint, set_rng_state)
 from .config import LossSettings, ModelSettings, TrainConfig, save_config
 from .distributed import (DistInfo, all_reduce_mean, barrier, clip_grad_norm, init_distributed, replicated_params,
@@ -129,7 +130,9 @@ class Trainer:
             data_cfg = dataclasses.replace(data_cfg, image_size=model.cfg.vision_cfg.image_size,
                                            context_length=model.context_length,
                                            vocab_size=model.cfg.text_cfg.vocab_size)
-        self.loader = _build_train_loader(data_cfg, image_transform(pp, True, cfg.aug), self.tokenizer, cfg, info)
+        self.loader = build_train_loader(data_cfg, image_transform(pp, True, cfg.aug), self.tokenizer, cfg.batch_size,
+                                         rank=info.rank, world_size=info.world_size, seed=cfg.seed,
+                                         workers=cfg.workers, pin_memory=info.device.type == "cuda")
         self.steps_per_epoch = self.loader.num_batches // cfg.accum_freq
         if self.steps_per_epoch == 0:
             raise ValueError(f"one epoch has {self.loader.num_batches} batches of {cfg.batch_size} per rank, "
@@ -288,8 +291,6 @@ class Trainer:
         barrier(self.info)
 
     def _last_checkpoint_text(self) -> str:
-        from .checkpoint import list_checkpoints
-
         found = list_checkpoints(self.run_dir)
         return str(found[-1]) if found else "none yet"
 
@@ -313,10 +314,3 @@ class Trainer:
         barrier(self.info)
         return summary
 
-
-def _build_train_loader(data_cfg, transform: Callable, tokenizer, cfg: TrainConfig, info: DistInfo):
-    from ..data.loader import build_train_loader
-
-    return build_train_loader(data_cfg, transform, tokenizer, cfg.batch_size, rank=info.rank,
-                              world_size=info.world_size, seed=cfg.seed, workers=cfg.workers,
-                              pin_memory=info.device.type == "cuda")
