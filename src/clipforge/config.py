@@ -13,9 +13,16 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+VISION_KINDS = ("vit", "resnet", "timm")
+TEXT_KINDS = ("transformer", "hf")
+
+
 @dataclass
 class VisionConfig:
-    # A tuple of 4 block counts selects the ModifiedResNet tower; an int selects the ViT.
+    # Which image tower to build: "vit", "resnet" (ModifiedResNet; `layers` is 4 block counts) or
+    # "timm" (`timm_model_name`). OpenCLIP's JSON has no such key: None infers it once from those
+    # fields, and `to_dict` leaves it out again, so files stay OpenCLIP-compatible.
+    kind: Optional[str] = None
     layers: Union[int, Tuple[int, int, int, int]] = 12
     width: int = 768
     head_width: int = 64
@@ -44,10 +51,16 @@ class VisionConfig:
     timm_proj_bias: bool = False
     timm_drop: float = 0.0
     timm_drop_path: Optional[float] = None
+    timm_model_kwargs: Optional[dict] = None  # extra keyword arguments of timm.create_model (architecture overrides)
+
+    def __post_init__(self) -> None:
+        inferred = "timm" if self.timm_model_name else "resnet" if isinstance(self.layers, (tuple, list)) else "vit"
+        _check_kind("vision_cfg", self.kind, inferred, VISION_KINDS)
+        self.kind = self.kind or inferred
 
     @property
     def is_resnet(self) -> bool:
-        return isinstance(self.layers, (tuple, list))
+        return self.kind == "resnet"
 
     @property
     def heads(self) -> int:
@@ -60,6 +73,9 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
+    # Which text tower to build: "transformer" (CLIP's) or "hf" (a transformers model, `hf_model_name`);
+    # inferred when None and left out of `to_dict`, as VisionConfig.kind.
+    kind: Optional[str] = None
     context_length: int = 77
     vocab_size: int = 49408
     width: int = 512
@@ -88,6 +104,11 @@ class TextConfig:
     hf_model_pretrained: bool = True
     hf_proj_type: str = "mlp"
     hf_pooler_type: str = "mean_pooler"
+
+    def __post_init__(self) -> None:
+        inferred = "hf" if self.hf_model_name else "transformer"
+        _check_kind("text_cfg", self.kind, inferred, TEXT_KINDS)
+        self.kind = self.kind or inferred
 
     @property
     def causal(self) -> bool:
@@ -127,6 +148,22 @@ class CLIPConfig:
             text_cfg=_dataclass_from_dict(TextConfig, text, "text_cfg"),
             **d,
         )
+
+    def with_overrides(self, overrides: Optional[dict]) -> "CLIPConfig":
+        """A copy with a nested dict of fields replaced, e.g. ``{"vision_cfg": {"patch_dropout": 0.5}}``.
+
+        One general way to adjust an architecture before it is built (timm's ``create_model(**kwargs)``),
+        instead of one ``force_*`` argument per field; unknown keys fail as in ``from_dict``.
+        """
+        if not overrides:
+            return dataclasses.replace(self)
+        d = self.to_dict()
+        for key, value in overrides.items():
+            if key in ("vision_cfg", "text_cfg") and isinstance(value, dict):
+                d[key] = {**d[key], **value}
+            else:
+                d[key] = value
+        return CLIPConfig.from_dict(d)
 
     def to_dict(self) -> dict:
         """Config as OpenCLIP's model JSON (omitting fields equal to their defaults)."""
@@ -168,6 +205,17 @@ class PreprocessConfig:
         return d
 
 
+def _check_kind(where: str, kind: Optional[str], inferred: str, known: Sequence[str]) -> None:
+    """An explicit kind must be known and agree with the fields that OpenCLIP's JSON selects towers by."""
+    if kind is None:
+        return
+    if kind not in known:
+        raise ValueError(f"{where}.kind {kind!r} is not one of {list(known)}")
+    if kind != inferred:
+        raise ValueError(f"{where}.kind is {kind!r} but its fields describe a {inferred!r} tower "
+                         f"(timm_model_name / hf_model_name / a 4-tuple of layers select the tower in OpenCLIP's JSON)")
+
+
 def _dataclass_from_dict(cls, d: dict, where: str):
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(known))
@@ -181,6 +229,8 @@ def _dataclass_from_dict(cls, d: dict, where: str):
 def _non_default_fields(obj) -> dict:
     out = {}
     for f in dataclasses.fields(obj):
+        if f.name == "kind":  # derivable from the other fields; OpenCLIP's JSON has no such key
+            continue
         value = getattr(obj, f.name)
         default = f.default if f.default is not dataclasses.MISSING else None
         if value != default:

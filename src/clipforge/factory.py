@@ -60,7 +60,8 @@ def _hub_dir_files(repo_id: str, cache_dir: Optional[PathLike]) -> Tuple[Path, P
         repo_id, WEIGHT_NAMES, cache_dir=cache_dir)
 
 
-def _from_hub_layout(schema: str, where: str, cache_dir: Optional[PathLike]) -> Tuple[CLIP, PreprocessConfig]:
+def _from_hub_layout(schema: str, where: str, cache_dir: Optional[PathLike],
+                     overrides: Optional[dict]) -> Tuple[CLIP, PreprocessConfig]:
     from .checkpoints.openclip_hub import build_with_weights, find_weights, read_openclip_config
 
     if schema == "local-dir":
@@ -71,11 +72,11 @@ def _from_hub_layout(schema: str, where: str, cache_dir: Optional[PathLike]) -> 
     else:
         config_file, weights = _hub_dir_files(where, cache_dir)
         cfg, pp = read_openclip_config(config_file.parent)
-    return build_with_weights(cfg, read_checkpoint(weights), str(weights)), pp
+    return build_with_weights(cfg.with_overrides(overrides), read_checkpoint(weights), str(weights)), pp
 
 
-def _build(model_name: ModelName, pretrained: Optional[PathLike], strict: bool,
-           cache_dir: Optional[PathLike]) -> Tuple[CLIP, Optional[PreprocessConfig]]:
+def _build(model_name: ModelName, pretrained: Optional[PathLike], strict: bool, cache_dir: Optional[PathLike],
+           overrides: Optional[dict] = None) -> Tuple[CLIP, Optional[PreprocessConfig]]:
     """(model, preprocessing the weights need, or None for the architecture's default)."""
     from .checkpoints.openclip_hub import build_with_weights
     from .pretrained import download_pretrained, get_pretrained_cfg, is_pretrained_tag
@@ -84,9 +85,9 @@ def _build(model_name: ModelName, pretrained: Optional[PathLike], strict: bool,
     if schema is not None:
         if pretrained:
             raise ValueError(f"{model_name!r} carries its own weights; leave pretrained unset (got {pretrained!r})")
-        return _from_hub_layout(schema, where, cache_dir)
+        return _from_hub_layout(schema, where, cache_dir, overrides)
     if pretrained is None:
-        return CLIP(_resolve_config(model_name, None)), None
+        return CLIP(_resolve_config(model_name, None).with_overrides(overrides)), None
     preprocess = None
     if isinstance(model_name, str) and isinstance(pretrained, str) and is_pretrained_tag(model_name, pretrained):
         tag = get_pretrained_cfg(model_name, pretrained)
@@ -103,7 +104,7 @@ def _build(model_name: ModelName, pretrained: Optional[PathLike], strict: bool,
             tags = f"; tags of {model_name!r}: {', '.join(list_pretrained_tags_by_model(model_name)) or 'none'}"
         raise UnknownPretrainedError(f"pretrained={str(pretrained)!r} is neither a known tag nor an existing file{tags}")
     state_dict = unwrap_state_dict(read_checkpoint(path))
-    cfg = cfg or _resolve_config(model_name, state_dict)
+    cfg = (cfg or _resolve_config(model_name, state_dict)).with_overrides(overrides)
     if strict:
         return build_with_weights(cfg, state_dict, str(path)), preprocess
     return load_state_dict_into(CLIP(cfg), state_dict, strict=False, source=str(path)).eval(), preprocess
@@ -116,16 +117,19 @@ def create_model(
     device: Union[str, torch.device] = "cpu",
     strict: bool = True,
     cache_dir: Optional[PathLike] = None,
+    cfg_overrides: Optional[dict] = None,
 ) -> CLIP:
     """Build the architecture ``model_name`` with ``pretrained`` weights: a tag or a file path.
 
     A tag also sets what its weights were trained with (QuickGELU, image normalisation in
     ``model.preprocess_cfg``). With ``model_name=None`` the architecture is inferred from an
     OpenAI/OpenCLIP checkpoint's shapes. Downloads go to ``cache_dir`` (else the usual caches).
+    ``cfg_overrides`` replaces architecture fields before the model is built (``CLIPConfig.with_overrides``),
+    e.g. ``{"vision_cfg": {"patch_dropout": 0.5}}`` to fine-tune a tag with FLIP-style token dropout.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    model, preprocess = _build(model_name, pretrained, strict, cache_dir)
+    model, preprocess = _build(model_name, pretrained, strict, cache_dir, cfg_overrides)
     model.to(device=device, dtype=PRECISIONS[precision])
     model.preprocess_cfg = preprocess or PreprocessConfig(image_size=model.cfg.vision_cfg.image_size)
     return model
@@ -144,6 +148,7 @@ def create_model_and_transforms(
     preprocess: Optional[PreprocessConfig] = None,
     strict: bool = True,
     cache_dir: Optional[PathLike] = None,
+    cfg_overrides: Optional[dict] = None,
 ):
     """(model, train transform, eval transform), as ``open_clip.create_model_and_transforms``.
 
@@ -152,7 +157,7 @@ def create_model_and_transforms(
     from .transforms import image_transform
 
     model = create_model(model_name, pretrained, precision=precision, device=device, strict=strict,
-                         cache_dir=cache_dir)
+                         cache_dir=cache_dir, cfg_overrides=cfg_overrides)
     pp = preprocess or preprocess_config(model)
     return model, image_transform(pp, is_train=True), image_transform(pp, is_train=False)
 

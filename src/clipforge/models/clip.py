@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Union
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,22 +16,40 @@ from .vision_transformer import VisionTransformer
 TEXT_PREFIX = "text."
 
 
+def _vit(cfg: CLIPConfig) -> nn.Module:
+    return VisionTransformer(cfg.vision_cfg, cfg.embed_dim, cfg.quick_gelu)
+
+
+def _resnet(cfg: CLIPConfig) -> nn.Module:
+    return ModifiedResNet(cfg.vision_cfg, cfg.embed_dim, cfg.quick_gelu)
+
+
+def _timm(cfg: CLIPConfig) -> nn.Module:
+    from .timm_tower import TimmTower  # timm is optional: imported only when such a tower is built
+    return TimmTower(cfg.vision_cfg, cfg.embed_dim)
+
+
+def _transformer(cfg: CLIPConfig) -> nn.Module:
+    return TextTransformer(cfg.text_cfg, cfg.embed_dim, cfg.quick_gelu)
+
+
+def _hf(cfg: CLIPConfig) -> nn.Module:
+    from .hf_text_tower import HFTextTower  # transformers is optional
+    return HFTextTower(cfg.text_cfg, cfg.embed_dim)
+
+
+# Tower kind (``VisionConfig.kind`` / ``TextConfig.kind``) -> builder of that tower from the whole config.
+# A new tower family is one module plus one line here (and its kind in config.VISION_KINDS / TEXT_KINDS).
+VISION_TOWERS: Dict[str, Callable[[CLIPConfig], nn.Module]] = {"vit": _vit, "resnet": _resnet, "timm": _timm}
+TEXT_TOWERS: Dict[str, Callable[[CLIPConfig], nn.Module]] = {"transformer": _transformer, "hf": _hf}
+
+
 def build_vision_tower(cfg: CLIPConfig) -> nn.Module:
-    vision = cfg.vision_cfg
-    if vision.timm_model_name:
-        from .timm_tower import TimmTower
-        return TimmTower(vision, cfg.embed_dim)
-    if vision.is_resnet:
-        return ModifiedResNet(vision, cfg.embed_dim, cfg.quick_gelu)
-    return VisionTransformer(vision, cfg.embed_dim, cfg.quick_gelu)
+    return VISION_TOWERS[cfg.vision_cfg.kind](cfg)
 
 
 def build_text_tower(cfg: CLIPConfig) -> nn.Module:
-    text = cfg.text_cfg
-    if text.hf_model_name:
-        from .hf_text_tower import HFTextTower
-        return HFTextTower(text, cfg.embed_dim)
-    return TextTransformer(text, cfg.embed_dim, cfg.quick_gelu)
+    return TEXT_TOWERS[cfg.text_cfg.kind](cfg)
 
 
 class CLIP(nn.Module):
@@ -110,12 +128,33 @@ class CLIP(nn.Module):
         return names
 
 
+# OpenAI's layout keeps the text tower at the root of the state dict; clipforge's modules keep it under
+# "text.". These two functions are the one place that maps between the layouts (hooks and converters).
+_NON_TEXT = ("visual.", "logit_scale", "logit_bias")
+
+
+def text_keys_to_root(state_dict: Dict[str, torch.Tensor], prefix: str = "") -> Dict[str, torch.Tensor]:
+    """``{prefix}text.X`` -> ``{prefix}X`` (OpenAI layout); other keys unchanged. Order is kept."""
+    inner = prefix + TEXT_PREFIX
+    return {(prefix + k[len(inner):] if k.startswith(inner) else k): v for k, v in state_dict.items()}
+
+
+def text_keys_from_root(state_dict: Dict[str, torch.Tensor], prefix: str = "") -> Dict[str, torch.Tensor]:
+    """Root-level text keys under ``prefix`` (OpenAI layout) -> ``{prefix}text.X``; keys outside ``prefix``,
+    the image tower, the logit scale/bias and keys already under ``text.`` are unchanged."""
+    owned = tuple(prefix + n for n in (*_NON_TEXT, TEXT_PREFIX))
+    return {(prefix + TEXT_PREFIX + k[len(prefix):] if k.startswith(prefix) and not k.startswith(owned) else k): v
+            for k, v in state_dict.items()}
+
+
+def _replace_in_place(state_dict: dict, new: dict) -> None:
+    state_dict.clear()
+    state_dict.update(new)
+
+
 def _text_keys_to_root(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
-    for key in [k for k in state_dict if k.startswith(prefix + TEXT_PREFIX)]:
-        state_dict[prefix + key[len(prefix) + len(TEXT_PREFIX):]] = state_dict.pop(key)
+    _replace_in_place(state_dict, text_keys_to_root(state_dict, prefix))
 
 
 def _text_keys_from_root(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    owned = (prefix + "visual.", prefix + "logit_scale", prefix + "logit_bias", prefix + TEXT_PREFIX)
-    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(owned)]:
-        state_dict[prefix + TEXT_PREFIX + key[len(prefix):]] = state_dict.pop(key)
+    _replace_in_place(state_dict, text_keys_from_root(state_dict, prefix))

@@ -43,7 +43,7 @@ class TimmTower(nn.Module):
             raise ValueError(f"timm_proj must be one of {PROJS}, got {proj!r}")
         self.cfg = cfg
         self.output_dim = embed_dim
-        kwargs = dict(getattr(cfg, "timm_model_kwargs", None) or {})
+        kwargs = dict(cfg.timm_model_kwargs or {})
         if cfg.timm_drop_path is not None:
             kwargs["drop_path_rate"] = cfg.timm_drop_path
         if cfg.patch_dropout > 0:

@@ -5,20 +5,20 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from tqdm import tqdm
 
 from ..checkpoints.openclip_hub import save_openclip_dir
-from ..config import CLIPConfig
+from ..config import CLIPConfig, PreprocessConfig
 from ..data.loader import build_train_loader
 from ..data.robust import DataError
 from ..factory import create_model, get_tokenizer, preprocess_config
 from ..loss import ClipLoss, SigLipLoss
 from ..models.clip import CLIP
-from ..models.layers import PatchDropout
 from ..transforms import image_transform
 from .checkpoint import (gather_rng_states, list_checkpoints, load_optimizer_state, model_state, optimizer_state,
                          read_training_checkpoint, resolve_resume, save_checkpoint, set_rng_state)
@@ -58,14 +58,23 @@ def model_source(cfg: ModelSettings):
     return cfg.name
 
 
-def build_model(cfg: ModelSettings) -> CLIP:
-    """The model with its starting weights, patch dropout, locked towers and checkpointing applied."""
-    model = create_model(model_source(cfg), pretrained=cfg.pretrained)
-    if cfg.patch_dropout is not None:
-        if not hasattr(model.visual, "patch_dropout"):
-            raise ValueError("model.patch_dropout needs a ViT image tower")
-        model.visual.patch_dropout = PatchDropout(cfg.patch_dropout)
-        model.cfg.vision_cfg.patch_dropout = cfg.patch_dropout
+def build_model(cfg: ModelSettings, resumed: Optional[Dict[str, Any]] = None) -> CLIP:
+    """The model with its starting weights, locked towers and checkpointing applied.
+
+    Fresh runs build what the settings name (fetching ``pretrained``); a resumed run builds the
+    architecture its checkpoint records (``model_config``) and loads its weights, fetching nothing.
+    Patch dropout is set on the config before the model is built, so it is part of ``model.cfg``.
+    """
+    overrides = {"vision_cfg": {"patch_dropout": cfg.patch_dropout}} if cfg.patch_dropout is not None else None
+    if resumed is not None:
+        model = CLIP(CLIPConfig.from_dict(resumed["model_config"]))
+        model.load_state_dict(resumed["state_dict"])
+        model.preprocess_cfg = PreprocessConfig.from_dict(resumed["preprocess_config"]) \
+            if resumed.get("preprocess_config") else None
+    else:
+        model = create_model(model_source(cfg), pretrained=cfg.pretrained, cfg_overrides=overrides)
+    if cfg.patch_dropout is not None and model.cfg.vision_cfg.kind != "vit":
+        raise ValueError(f"model.patch_dropout needs a ViT image tower, this model's is {model.cfg.vision_cfg.kind!r}")
     if cfg.lock_image:
         model.lock_image_tower(cfg.lock_image_unlocked_groups)
     if cfg.lock_text:
@@ -75,8 +84,40 @@ def build_model(cfg: ModelSettings) -> CLIP:
     return model.train()
 
 
-def build_loss(cfg: LossSettings, info: DistInfo) -> torch.nn.Module:
-    if cfg.kind == "siglip":
+# Settings that decide which model a run trains; a resumed run must not change them.
+_MODEL_DEFINING = ("name", "config", "pretrained", "patch_dropout")
+
+
+def resume_mismatches(saved_config: Dict[str, Any], cfg: TrainConfig) -> List[str]:
+    """``model.*`` settings where ``cfg`` disagrees with the run config saved in a checkpoint."""
+    saved = (saved_config or {}).get("model", {})
+    current = cfg.to_dict()["model"]
+    return [f"model.{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}"
+            for k in _MODEL_DEFINING if saved.get(k) != current.get(k)]
+
+
+def resolve_loss_kind(requested: Optional[str], model: CLIP) -> Tuple[str, Optional[str]]:
+    """(loss kind, a warning or None): the loss follows the model unless the settings name one.
+
+    A model with a logit bias (``init_logit_bias``: SigLIP) trains with the sigmoid loss, any other with
+    InfoNCE. Naming the other loss explicitly is allowed but said loudly; SigLIP's loss without a bias
+    parameter cannot work and is refused.
+    """
+    natural = "siglip" if model.logit_bias is not None else "clip"
+    if requested in (None, "auto"):
+        return natural, None
+    if requested == "siglip" and model.logit_bias is None:
+        raise ValueError("loss.kind=siglip needs a model with a logit bias (init_logit_bias in its config); "
+                         "this model has none: use loss.kind=auto (InfoNCE) or a SigLIP architecture")
+    if requested != natural:
+        return requested, (f"loss.kind={requested} on a model with a logit bias (SigLIP, init_logit_bias="
+                           f"{model.cfg.init_logit_bias}): training with InfoNCE, which ignores the bias; "
+                           f"loss.kind=auto would use the sigmoid loss this model was trained with")
+    return requested, None
+
+
+def build_loss(kind: str, cfg: LossSettings, info: DistInfo) -> torch.nn.Module:
+    if kind == "siglip":
         return SigLipLoss(rank=info.rank, world_size=info.world_size, dist_impl=cfg.siglip_dist_impl)
     return ClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad, cache_labels=True,
                     rank=info.rank, world_size=info.world_size, chunk_size=cfg.chunk_size)
@@ -116,13 +157,17 @@ class Trainer:
         self.run_dir = cfg.run_dir
         resume_path = resolve_resume(cfg.resume, self.run_dir)
         resumed = read_training_checkpoint(resume_path) if resume_path else None
-        seed_everything(cfg.seed)  # the same initial weights on every rank (FSDP2 does not broadcast them)
-        model = build_model(cfg.model)
-        seed_everything(cfg.seed + info.rank)  # then per-rank streams for augmentation and patch dropout
         if resumed is not None:
-            model.load_state_dict(resumed["state_dict"])
+            mismatches = resume_mismatches(resumed.get("config"), cfg)
+            if mismatches:
+                raise ValueError(f"resume from {resume_path}: the config disagrees with the checkpoint on "
+                                 + "; ".join(mismatches) + ". A resumed run continues the model its checkpoint "
+                                 "records: restore these settings, or start a new run (another name/output_dir)")
+        seed_everything(cfg.seed)  # the same initial weights on every rank (FSDP2 does not broadcast them)
+        model = build_model(cfg.model, resumed)
+        seed_everything(cfg.seed + info.rank)  # then per-rank streams for augmentation and patch dropout
         self.model = model.to(info.device)
-        self.tokenizer = get_tokenizer(model_source(cfg.model))
+        self.tokenizer = get_tokenizer(model.cfg if resumed is not None else model_source(cfg.model))
         pp = preprocess_config(model)
         self.preprocess = pp
         data_cfg = cfg.data
@@ -143,7 +188,11 @@ class Trainer:
         self.replicated = replicated_params(self.model, cfg.distributed, info)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
-        self.loss_fn = build_loss(cfg.loss, info)
+        self.loss_kind, loss_warning = resolve_loss_kind(cfg.loss.kind, self.model)
+        self.notes: List[str] = [loss_warning] if loss_warning else []
+        if loss_warning and info.is_main:
+            warnings.warn(loss_warning, stacklevel=2)
+        self.loss_fn = build_loss(self.loss_kind, cfg.loss, info)
         self.step = self.epoch = self.batch_in_epoch = 0
         if resumed is not None:
             self._restore(resumed)
@@ -269,12 +318,13 @@ class Trainer:
         sharded = self.cfg.distributed == "fsdp" and self.info.distributed
         if self.info.is_main or sharded:  # FSDP2 forward needs every rank; DDP evaluates on rank 0 only
             metrics = validate(unwrap(self.model), self.tokenizer, self.val_loader, self.cfg.val.batch_size,
-                               self.cfg.loss.kind, self.info.device, progress=False)
+                               self.loss_kind, self.info.device, progress=False)
             self.last_val = {"step": self.step, **metrics}
             if self.logger is not None:
                 self.logger.log({"kind": "val", "step": self.step, "epoch": self.epoch, **metrics})
                 tqdm.write(f"step {self.step}: val loss {metrics['val_loss']:.4f}, text→image R@1/5/10 "
                            + "/".join(f"{metrics[f'image_retrieval_recall@{k}']:.3f}" for k in (1, 5, 10)))
+                plot_metrics(self.run_dir)  # plots follow validation and the end of the run, not each save
         barrier(self.info)
 
     def _save(self) -> None:
@@ -283,10 +333,10 @@ class Trainer:
         if self.info.is_main:
             state.update(step=self.step, epoch=self.epoch, batch=self.batch_in_epoch,
                          scaler=self.scaler.state_dict() if self.scaler is not None else None,
-                         config=self.cfg.to_dict(), model_config=self.model.cfg.to_dict(),
+                         config=self.cfg.to_dict(), model_config=unwrap(self.model).cfg.to_dict(),
+                         preprocess_config=self.preprocess.to_dict(),
                          world_size=self.info.world_size, data_stats=self.loader.stats.state_dict())
             save_checkpoint(state, self.run_dir, self.cfg.keep_last)
-            plot_metrics(self.run_dir)
         self.last_saved_step = self.step
         barrier(self.info)
 
@@ -297,7 +347,8 @@ class Trainer:
     def _finish(self, wall: float, samples: int, steps: int) -> Dict[str, Any]:
         summary: Dict[str, Any] = {"steps": self.step, "epochs_completed": self.epoch, "wall_seconds": wall,
                                    "samples_per_s": samples / max(wall, 1e-9), "steps_this_run": steps,
-                                   "data": self.loader.stats.state_dict(), "val": self.last_val}
+                                   "data": self.loader.stats.state_dict(), "val": self.last_val,
+                                   "loss_kind": self.loss_kind, "notes": self.notes}
         state = model_state(self.model) if self.cfg.distributed == "fsdp" and self.info.distributed else None
         if self.info.is_main:
             export = unwrap(self.model)
