@@ -60,9 +60,9 @@ def _builders(model, ref, hf) -> Dict[str, Callable]:
         builders["transformers fp32 (pad to longest)"] = lambda c, t: _hf_classifier(hf, cf_tok, c, t)
     builders.update({
         "clipforge fp32 (per-batch trim)": lambda c, t: cf_build(model, cf_tok, c, t, num_classes_per_batch=10),
-        "clipforge fp32 bucketed": lambda c, t: inference.zero_shot_weights(model, cf_tok, c, t),
-        "clipforge bf16 mode bucketed": lambda c, t: inference.zero_shot_weights(fast, cf_tok, c, t),
-        "clipforge int8 bucketed": lambda c, t: inference.zero_shot_weights(q8, cf_tok, c, t),
+        "clipforge fp32 bucketed": lambda c, t: cf_build(model, cf_tok, c, t, bucket_size=256),
+        "clipforge bf16 mode bucketed": lambda c, t: cf_build(fast, cf_tok, c, t, bucket_size=256),
+        "clipforge int8 bucketed": lambda c, t: cf_build(q8, cf_tok, c, t, bucket_size=256),
     })
     return builders
 

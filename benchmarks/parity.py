@@ -291,7 +291,7 @@ class _TokenizerFiles:
     """What open_clip's save_for_hf calls on its tokenizer: clipforge writes CLIP's BPE files."""
 
     def save_pretrained(self, directory) -> None:
-        from clipforge.checkpoints.openclip_hub import write_hf_tokenizer
+        from clipforge.tokenizer.hf_files import write_hf_tokenizer
 
         write_hf_tokenizer(directory)
 

@@ -8,8 +8,11 @@ import transformers
 
 import clipforge
 from clipforge.checkpoints import CheckpointError
-from clipforge.checkpoints.convert import convert, convert_main, detect_format, load_any, openai_state_dict
+from clipforge.checkpoints.convert import convert
+from clipforge.checkpoints.formats import FORMATS, FormatName, detect_format, load_any
 from clipforge.checkpoints.hf_clip import save_hf_clip
+from clipforge.checkpoints.openai import openai_state_dict
+from clipforge.cli.convert import main as convert_main
 from clipforge.checkpoints.openclip_hub import save_openclip_dir
 from conftest import CAPTIONS
 from test_hf_clip import TOL, clip_images, clipforge_model, hf_features, max_diffs
@@ -48,7 +51,7 @@ def _reference_features(to, path, images, tokens):
     """Features computed by the library that owns format ``to``."""
     if to == "hf":
         return hf_features(transformers.CLIPModel.from_pretrained(path).eval(), images, tokens)
-    if to == "open_clip":
+    if to == "open_clip_dir":
         ref = open_clip.create_model("local-dir:" + str(path)).eval()
     else:  # a plain state dict: OpenCLIP needs the architecture by name, as for any .pt file
         ref = open_clip.create_model(OPENCLIP_NAME, pretrained=str(path)).eval()
@@ -62,13 +65,15 @@ def test_detect_format(sources):
 
 
 @pytest.mark.parametrize("src", SOURCES)
-@pytest.mark.parametrize("to", ["openai", "open_clip", "hf"])
+@pytest.mark.parametrize("to", ["openai", "open_clip", "open_clip_dir", "hf"])
 def test_convert_every_pair(src, to, sources, inputs, tmp_path):
     paths, (exp_img, exp_txt) = sources
     images, tokens = inputs
-    dst = tmp_path / ("model.pt" if to == "openai" else "out")
-    written = convert(paths[src], dst, to)
+    dst = tmp_path / ("model.pt" if to in ("openai", "open_clip") else "out")
+    result = convert(paths[src], dst, to)
+    written = result.written
     assert all(p.exists() for p in written)
+    assert (result.source_format, result.target_format) == (src, to)
     ref_img, ref_txt = _reference_features(to, dst, images, tokens)
     img_diff = (ref_img - exp_img).abs().max().item()
     txt_diff = (ref_txt - exp_txt).abs().max().item()
@@ -88,7 +93,7 @@ def test_gelu_state_dict_needs_its_model_name(tmp_path, inputs, capsys):
     clipforge.add_model_config(tmp_path / "cf-test-B32-1layer.json")
     model = clipforge_model("ViT-B-32", seed=2, layers=1)
     save_openclip_dir(model, tmp_path / "gelu_dir")
-    convert_main(str(tmp_path / "gelu_dir"), str(tmp_path / "gelu.pt"), to="openai")
+    assert convert_main(str(tmp_path / "gelu_dir"), str(tmp_path / "gelu.pt"), to="openai") == 0
     out = capsys.readouterr().out
     assert "open_clip_dir" in out and f"wrote {tmp_path / 'gelu.pt'}" in out and "GELU" in out
     assert load_any(tmp_path / "gelu.pt")[0].cfg.quick_gelu  # inferred: OpenAI's QuickGELU
@@ -135,3 +140,39 @@ def test_bad_inputs_name_files_and_keys(tmp_path, sources):
         convert(paths["openai"], tmp_path / "y", "onnx")
     with pytest.raises(ValueError, match="directory"):
         convert(paths["openai"], tmp_path, "openai")
+
+
+def test_formats_registry_and_target_choices(sources, tmp_path):
+    """Every registered format offers the same surface; the CLI's --to choices are the registry's names."""
+    import typing
+
+    assert typing.get_args(FormatName) == tuple(FORMATS)
+    for name, module in FORMATS.items():
+        assert isinstance(module.DESCRIPTION, str) and isinstance(module.IS_DIRECTORY, bool), name
+        assert all(callable(getattr(module, f)) for f in ("detect", "load", "save")), name
+    paths, _ = sources
+    # Each path is claimed by exactly its own format's detect.
+    for fmt, path in paths.items():
+        claims = [name for name, module in FORMATS.items()
+                  if module.IS_DIRECTORY == path.is_dir() and module.detect(path)]
+        assert claims == [fmt], (fmt, claims)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ValueError, match="single file.*open_clip_dir format"):
+        convert(paths["openai"], tmp_path / "folder", "open_clip")
+
+
+def test_open_clip_file_keeps_the_models_layout(tmp_path, sources, inputs):
+    """--to open_clip writes model.state_dict() as OpenCLIP keeps it; .safetensors picks that serialization."""
+    paths, (exp_img, exp_txt) = sources
+    images, tokens = inputs
+    written = convert(paths["hf"], tmp_path / "model.safetensors", "open_clip").written
+    assert written == [tmp_path / "model.safetensors"]
+    sd = clipforge.checkpoints.read_checkpoint(written[0])
+    assert "text_projection" in sd and "visual.proj" in sd
+    back, _ = load_any(written[0], model_name=None)
+    assert max(max_diffs(back, exp_img, exp_txt, images, tokens)) <= TOL
+
+
+def test_cli_main_reports_errors_without_a_traceback(tmp_path, capsys):
+    assert convert_main(str(tmp_path / "missing.pt"), str(tmp_path / "out"), to="hf") == 1
+    assert "missing.pt" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import torch
 
 from clipforge.data import (CaptionGroups, DataConfig, DataError, build_eval_loader, build_train_loader,
                             caption_groups, coco_dataset, collate_skipping, csv_dataset, jsonl_dataset,
-                            read_csv_records)
+                            read_caption_file, read_csv_records, read_table, table_separator)
 from test_data_common import detok, make_caption_folder, small_transform, toy_tokenize, write_jpeg, write_tsv
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -30,9 +30,57 @@ def test_csv_custom_keys_quotes_and_sep_option(tmp_path):
     f.write_text('id,img,cap\n1,sub/a.jpg,"hello, world"\n', encoding="utf-8")
     recs = read_csv_records(f, img_key="img", caption_key="cap")
     assert recs[0].caption == "hello, world" and recs[0].path == tmp_path / "sub" / "a.jpg"
-    g = tmp_path / "c.txt"  # unknown suffix: tab by default, or the explicit separator
+    g = tmp_path / "c.txt"  # unknown suffix and a ';' header: only an explicit separator reads it
     g.write_text('img;cap\nsub/a.jpg;he said "hi\n', encoding="utf-8")
     assert read_csv_records(g, img_key="img", caption_key="cap", sep=";")[0].caption == 'he said "hi'
+
+
+@pytest.mark.parametrize("name,header,sep", [
+    ("a.tsv", "filepath\ttitle", "\t"), ("a.tab", "filepath\ttitle", "\t"), ("a.csv", "filepath,title", ","),
+    # Other names go by their header. The two old rules disagreed here: captions.py read any
+    # non-.csv file as tab-separated, evaluate/datasets.py any non-.tsv file as comma-separated.
+    ("a.txt", "filepath\ttitle", "\t"), ("a.txt", "filepath,title", ","), ("noext", "filepath,title", ","),
+])
+def test_one_separator_rule(tmp_path, name, header, sep):
+    write_jpeg(tmp_path / "x.jpg", 0)
+    f = tmp_path / name
+    f.write_text(f"{header}\nx.jpg{sep}a caption\n", encoding="utf-8")
+    assert table_separator(f) == sep
+    assert [(r.path.name, r.caption) for r in read_csv_records(f)] == [("x.jpg", "a caption")]
+    assert read_table(f, ("filepath",))[0].values == {"filepath": "x.jpg", "title": "a caption"}
+
+
+def test_suffix_wins_over_header_and_ambiguous_headers_fail(tmp_path):
+    f = tmp_path / "a.tsv"
+    f.write_text("filepath,title\nx.jpg,cap\n", encoding="utf-8")
+    assert table_separator(f) == "\t"  # .tsv is a tab file, so this header is one column
+    with pytest.raises(DataError, match=r"a\.tsv: header \['filepath,title'\] lacks column"):
+        read_csv_records(f)
+    for header in ("filepath\ttitle,extra", "filepath;title"):
+        g = tmp_path / "b.txt"
+        g.write_text(f"{header}\nx\n", encoding="utf-8")
+        with pytest.raises(DataError, match=r"b\.txt: cannot tell the separator"):
+            read_csv_records(g)
+    assert table_separator(g, "tab") == table_separator(g, "\\t") == "\t"
+    h = tmp_path / "h.csv"
+    h.write_text("filepath,title\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"h\.csv: no rows"):
+        read_csv_records(h)
+
+
+def test_read_caption_file_kinds(tmp_path):
+    pairs = make_caption_folder(tmp_path, 2)
+    tsv = write_tsv(tmp_path / "caps.tsv", pairs)
+    jsonl = tmp_path / "caps.jsonl"
+    jsonl.write_text("".join(json.dumps({"image": p, "caption": c}) + "\n" for p, c in pairs))
+    coco = _coco(tmp_path, n_img=2, caps_per=1)
+    expected = [(tmp_path / p, c) for p, c in pairs]
+    assert [(r.path, r.caption) for r in read_caption_file(tsv)] == expected
+    assert [(r.path, r.caption) for r in read_caption_file(tsv, "tsv")] == expected
+    assert [(r.path, r.caption) for r in read_caption_file(jsonl)] == expected
+    assert [r.caption for r in read_caption_file(coco)] == ["img 0 cap 0", "img 1 cap 0"]
+    with pytest.raises(ValueError, match="unknown caption file kind 'parquet'"):
+        read_caption_file(tsv, "parquet")
 
 
 def test_csv_errors_name_file_and_row(tmp_path):
@@ -66,6 +114,17 @@ def test_coco_one_sample_per_caption_and_groups(tmp_path):
     assert groups.text_to_image == [0, 0, 1, 1, 2, 2]
     assert groups.image_to_texts()[1] == [2, 3]
     assert groups.image_dataset(small_transform)[0].shape == (3, 8, 8)
+
+
+def test_coco_captions_stripped_and_images_found_beside_annotations_folder(tmp_path):
+    f = _coco(tmp_path, n_img=2, caps_per=1)
+    d = json.loads(f.read_text())
+    d["annotations"][0]["caption"] = "  img 0 cap 0 \n"
+    (tmp_path / "annotations").mkdir()
+    moved = tmp_path / "annotations" / f.name  # COCO's own layout: annotations/ next to val2017/
+    moved.write_text(json.dumps(d))
+    recs = read_caption_file(moved)
+    assert recs[0].caption == "img 0 cap 0" and recs[0].path == tmp_path / "val2017" / "000000000000.jpg"
 
 
 def test_coco_bad_annotation(tmp_path):
@@ -112,6 +171,15 @@ def test_broken_samples_skipped_and_counted(tmp_path):
     assert set(reasons) == {"trunc.jpg", "text.jpg", "missing.jpg", "img001.jpg"}
     assert "EmptyCaption" in reasons["img001.jpg"] and "FileNotFound" in reasons["missing.jpg"]
     assert "caps.tsv:" in reasons["trunc.jpg"]  # the row is named too
+
+
+def test_skips_are_counted_by_why_the_image_failed(tmp_path):
+    """Not by the ImageLoadError the one opener wraps around each failure."""
+    cfg = DataConfig(kind="csv", train_data=str(_broken_csv(tmp_path)), max_bad_fraction=0.5, min_seen=1)
+    loader = build_eval_loader(cfg, small_transform, toy_tokenize, batch_size=5)
+    list(loader)
+    assert loader.stats.reasons == {"EmptyCaption": 1, "FileNotFoundError": 1, "OSError": 1,
+                                    "UnidentifiedImageError": 1}
 
 
 def test_collate_of_all_broken_batch_is_empty():

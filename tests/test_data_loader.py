@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from clipforge.data import (DataConfig, RandomCaptionDataset, ResumableDistributedSampler, ShapesConfig,
-                            ShapesDataset, build_train_loader, generate_shapes, make_shapes_splits, render_shape,
-                            shards_main)
+                            ShapesDataset, build_train_loader, generate_shapes, make_shapes_splits, read_caption_file,
+                            render_shape, write_shards)
 from test_data_common import detok, make_caption_folder, small_transform, toy_tokenize, write_tsv
 
 
@@ -92,7 +92,7 @@ def test_shapes_kind_train_loader():
 
 def test_webdataset_with_two_workers(tmp_path):
     pairs = make_caption_folder(tmp_path, 16)
-    res = shards_main(str(write_tsv(tmp_path / "c.tsv", pairs)), str(tmp_path / "s"), max_count_per_shard=4)
+    res = write_shards(read_caption_file(write_tsv(tmp_path / "c.tsv", pairs)), tmp_path / "s", max_count_per_shard=4)
     cfg = DataConfig(kind="webdataset", train_data=res.url_pattern)
     loader = build_train_loader(cfg, small_transform, toy_tokenize, batch_size=4, workers=2)
     caps = [detok(t) for _, texts in loader for t in texts]

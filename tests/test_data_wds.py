@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 
 from clipforge.data import (DataConfig, DataError, WdsCaptionStream, build_eval_loader, build_train_loader,
-                            expand_urls, read_shard_sizes, shards_main, write_shards)
+                            expand_urls, read_caption_file, read_shard_sizes, write_shards)
 from test_data_common import detok, make_caption_folder, small_transform, toy_tokenize, write_tsv
 
 
@@ -15,7 +15,7 @@ def _shards(tmp_path, n=10, per_shard=4, name="src", prefix="shard"):
     pairs = make_caption_folder(root, n)
     pairs = [(p, f"{name} {c}") for p, c in pairs]
     tsv = write_tsv(root / "caps.tsv", pairs)
-    res = shards_main(str(tsv), str(root / "shards"), max_count_per_shard=per_shard, prefix=prefix)
+    res = write_shards(read_caption_file(tsv), root / "shards", max_count_per_shard=per_shard, prefix=prefix)
     return root, pairs, res
 
 

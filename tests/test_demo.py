@@ -1,22 +1,28 @@
-"""The embedded demo: a quick end-to-end run, its data split, its preprocessing and its saved model."""
+"""The embedded demo: a quick end-to-end run through the trainer, its data split, its preprocessing and its saved model."""
 from __future__ import annotations
 
 import json
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from clipforge import PreprocessConfig
-from clipforge.data.synthetic import COLORS, SHAPES
-from clipforge.demo import (DemoConfig, optim_settings, cycle_heldout, demo_main, images_to_tensor, make_demo_data,
-                            quick_config,
-                            run_demo, train)
-from clipforge.demo_report import PLOTS
+from clipforge.cli import demo as demo_cli
+from clipforge.data.loader import build_dataset
+from clipforge.data.synthetic import COLORS, SHAPES, make_shapes_splits
+from clipforge.demo import DemoConfig, quick_config, run_demo
+from clipforge.demo.report import PLOTS
+from clipforge.demo.run import (TRAIN_DIR, cycle_heldout, evaluate, images_to_tensor, make_demo_data, train_config,
+                                train_demo_model)
+from clipforge.factory import get_tokenizer
 from clipforge.models.clip import CLIP
 from clipforge.tokenizer import CLIPTokenizer
+from clipforge.train.config import load_config
+from clipforge.train.logger import METRICS_FILE, read_metrics
 from clipforge.transforms import image_transform
 
 
@@ -46,6 +52,21 @@ def test_quick_run_writes_report_and_plots(quick_run):
     assert json.loads((out / "metrics.json").read_text()) == pytest.approx(metrics)
 
 
+def test_quick_run_is_a_trainer_run(quick_run):
+    # Training went through clipforge.train: its run folder, per-step log and saved config are there,
+    # and the report's curves and final loss are that log's numbers.
+    out, metrics = quick_run
+    run = out / TRAIN_DIR
+    rows = [r for r in read_metrics(run / METRICS_FILE) if r["kind"] == "train"]
+    assert [r["step"] for r in rows] == list(range(1, QUICK_STEPS + 1))
+    assert metrics["final_loss"] == pytest.approx(np.mean([r["loss"] for r in rows[-10:]]))
+    assert all(0 < r["logit_scale"] <= 100.0 for r in rows)
+    assert load_config(run / "config.yaml").to_dict() == \
+        train_config(replace(quick_config(), steps=QUICK_STEPS), run, progress=False).to_dict()
+    hub = json.loads((run / "final" / "open_clip_config.json").read_text())
+    assert hub["preprocess_cfg"]["size"] == quick_config().image_size  # the save the demo used to lack
+
+
 def test_quick_run_metrics_are_in_range(quick_run):
     _, m = quick_run
     n_held = 2 * quick_config().heldout_cycle
@@ -66,19 +87,25 @@ def test_quick_run_metrics_are_in_range(quick_run):
 def test_quick_run_composes_colour_and_shape(quick_run):
     _, m = quick_run
     # Among the held-out classes, colour alone or shape alone caps accuracy at 50% (see cycle_heldout);
-    # this seed's run scores ~64%, and 12.5% is chance.
+    # this seed's run scores ~61%, and 12.5% is chance.
     assert m["heldout_zeroshot_acc1"] > 0.5
     assert m["heldout_zeroshot_acc1_all_classes"] > 5 * m["all_classes_chance"]
     assert m["seen_zeroshot_acc1"] > 3 * m["seen_chance"]
     assert m["image_retrieval_recall@10"] > 5 * 10 / quick_config().n_val
 
 
-def test_heldout_pairs_never_in_training_captions():
-    shapes, splits = make_demo_data(quick_config())
+def test_heldout_pairs_never_in_training_captions(tmp_path):
+    # What the trainer trains on (data.kind "shapes" of the demo's train config), not a copy of it.
+    cfg = quick_config()
+    data = train_config(cfg, tmp_path / "run").data
+    train_set = build_dataset(data, lambda image: image, CLIPTokenizer(context_length=cfg.context_length))
+    assert len(train_set) == cfg.n_train
+    shapes, splits = make_demo_data(cfg)
+    assert data.shapes == shapes
     held = set(shapes.resolved_heldout())
-    assert len(held) == 2 * quick_config().heldout_cycle and splits.heldout_labels
+    assert len(held) == 2 * cfg.heldout_cycle and splits.heldout_labels
     train_pairs = set()
-    for caption in splits.train.captions:
+    for caption in train_set.data.captions:
         words = caption.replace(",", " ").split()
         colours = [w for w in words if w in COLORS]
         kinds = [w for w in words if w in SHAPES]
@@ -86,9 +113,14 @@ def test_heldout_pairs_never_in_training_captions():
         train_pairs.add((kinds[0], colours[0]))
     assert not train_pairs & held
     assert len(train_pairs) == len(SHAPES) * len(COLORS) - len(held)  # every seen pair is trained on
+    assert not set(train_set.data.labels.tolist()) & set(splits.heldout_labels)
+    # the same training split the demo's own data helper drew before it trained through the trainer
+    own = make_shapes_splits(shapes, cfg.n_train, 0, 0).train
+    assert train_set.data.captions == own.captions and np.array_equal(train_set.data.images, own.images)
     held_names = {splits.class_names[c] for c in splits.heldout_labels}
     assert held_names == {f"{c} {s}" for s, c in held}
     assert set(splits.heldout.labels.tolist()) == set(splits.heldout_labels)
+    assert len(splits.val_seen.captions) == cfg.n_val and len(splits.heldout.captions) == cfg.n_heldout
 
 
 def test_cycle_heldout_needs_both_attributes():
@@ -102,57 +134,78 @@ def test_cycle_heldout_needs_both_attributes():
 
 
 def test_fast_preprocessing_equals_eval_transform():
-    _, splits = make_demo_data(replace(quick_config(), image_size=64, n_train=4, n_val=1, n_heldout=1))
+    _, splits = make_demo_data(replace(quick_config(), image_size=64, n_val=4, n_heldout=1))
+    images = splits.val_seen.images
     transform = image_transform(PreprocessConfig(image_size=64), is_train=False)
-    expected = torch.stack([transform(Image.fromarray(a)) for a in splits.train.images])
-    torch.testing.assert_close(images_to_tensor(splits.train.images), expected, atol=1e-6, rtol=0)
+    expected = torch.stack([transform(Image.fromarray(a)) for a in images])
+    torch.testing.assert_close(images_to_tensor(images), expected, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="32"):
+        images_to_tensor(images, PreprocessConfig(image_size=32))
 
 
-def test_cosine_schedule():
+def test_training_transform_is_the_eval_preprocessing(tmp_path):
+    # The trainer's train transform with the demo's augmentation keeps each image whole at its size,
+    # whatever its random crop draws: training sees what evaluation sees.
+    cfg = replace(quick_config(), image_size=64, n_val=6, n_heldout=1)
+    _, splits = make_demo_data(cfg)
+    pp = PreprocessConfig(image_size=64)
+    transform = image_transform(pp, True, train_config(cfg, tmp_path / "run").aug)
+    torch.manual_seed(0)
+    for _ in range(3):
+        got = torch.stack([transform(Image.fromarray(a)) for a in splits.val_seen.images])
+        torch.testing.assert_close(got, images_to_tensor(splits.val_seen.images, pp), atol=1e-6, rtol=0)
+
+
+def test_cosine_schedule(tmp_path):
     from clipforge.train import lr_at
 
-    optim = optim_settings(replace(quick_config(), lr=1.0, warmup_steps=10))
-    lrs = [lr_at(s, optim, 110) for s in range(110)]
+    cfg = replace(quick_config(), lr=1.0, warmup_steps=10, steps=110)
+    settings = train_config(cfg, tmp_path / "run")
+    optim = settings.optim
+    assert settings.max_steps == 110 and optim.schedule == "cosine"
+    lrs = [lr_at(s, optim, settings.max_steps) for s in range(110)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[10] == pytest.approx(1.0) and lrs[60] == pytest.approx(0.5)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 1e-3
 
 
-def test_training_is_deterministic():
+def test_training_is_deterministic(tmp_path):
     cfg = replace(quick_config(), n_train=64, steps=12, batch_size=16, lr=3e-3, warmup_steps=2)
-    _, splits = make_demo_data(cfg)
-    tokens = CLIPTokenizer(context_length=cfg.context_length)(splits.train.captions)
-    runs = []
-    for _ in range(2):
-        torch.manual_seed(cfg.seed)
-        model = CLIP(cfg.model_config())
-        runs.append((train(model, splits.train.images, tokens, cfg, progress=False), model))
-    (h1, m1), (h2, m2) = runs
-    assert h1.loss == h2.loss and h1.logit_scale == h2.logit_scale
+    shapes, splits = make_demo_data(cfg)
+    runs = [train_demo_model(cfg, tmp_path / f"run{i}", progress=False) for i in range(2)]
+    (m1, p1, h1), (m2, p2, h2) = runs
+    assert h1.loss == h2.loss and h1.logit_scale == h2.logit_scale and h1.lr == h2.lr
     for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
         assert torch.equal(a, b), k
+    assert evaluate(m1, splits, shapes, cfg, p1)[0] == evaluate(m2, splits, shapes, cfg, p2)[0]
     assert not m1.training
     assert len(h1.loss) == cfg.steps and all(s <= 100.0 for s in h1.logit_scale)
+    # not constant: the model trained (a run that skipped its steps would also be repeatable)
+    assert h1.loss[-1] < h1.loss[0] and not torch.equal(m1.logit_scale, CLIP(cfg.model_config()).logit_scale)
 
 
 def test_saved_model_loads_in_open_clip(quick_run):
     open_clip = pytest.importorskip("open_clip")
-    from safetensors.torch import load_file
 
-    from clipforge import CLIPConfig, create_model
+    from clipforge import create_model
 
     out, _ = quick_run
-    model_cfg = json.loads((out / "open_clip_config.json").read_text())["model_cfg"]
-    ref = open_clip.CLIP(**model_cfg)
-    ref.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
-    ours = create_model(CLIPConfig.from_dict(model_cfg), pretrained=str(out / "model.safetensors"))
+    final = out / TRAIN_DIR / "final"
+    ref, _, ref_preprocess = open_clip.create_model_and_transforms(f"local-dir:{final}")
+    ours = create_model(f"local-dir:{final}")
     ref.eval(), ours.eval()
+    model_cfg = json.loads((final / "open_clip_config.json").read_text())["model_cfg"]
     size = model_cfg["vision_cfg"]["image_size"]
     images = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
-    text = CLIPTokenizer(context_length=model_cfg["text_cfg"]["context_length"])(["a red circle", "blue star", "x"])
+    text = get_tokenizer(ours.cfg)(["a red circle", "blue star", "x"])
     with torch.no_grad():
         torch.testing.assert_close(ours.encode_image(images), ref.encode_image(images), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ours.encode_text(text), ref.encode_text(text), atol=1e-5, rtol=1e-5)
+    # the saved preprocessing is the one the demo trained and evaluated with
+    _, splits = make_demo_data(quick_config())
+    shown = splits.val_seen.images[:4]
+    torch.testing.assert_close(torch.stack([ref_preprocess(Image.fromarray(a)) for a in shown]),
+                               images_to_tensor(shown), atol=1e-6, rtol=0)
 
 
 def test_demo_main_prints_heldout_accuracy_and_chance(monkeypatch, capsys, quick_run):
@@ -163,8 +216,8 @@ def test_demo_main_prints_heldout_accuracy_and_chance(monkeypatch, capsys, quick
         calls.append(kwargs)
         return metrics
 
-    monkeypatch.setattr("clipforge.demo.run_demo", fake_run_demo)
-    assert demo_main(out="somewhere", quick=True) == 0
+    monkeypatch.setattr(demo_cli, "run_demo", fake_run_demo)
+    assert demo_cli.main(out="somewhere", quick=True) == 0
     assert calls == [{"out_dir": "somewhere", "steps": None, "seed": 0, "quick": True}]
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert f"{metrics['heldout_zeroshot_acc1']:.1%}" in last and f"chance {metrics['heldout_chance']:.1%}" in last

@@ -7,8 +7,10 @@ import torch
 from test_evaluate_utils import (COLORS, captioned_items, make_image, numpy2_safe_float, tiny_model, tokenizer,
                                  transform, write_coco, write_image_folder, write_wds)
 
+from clipforge.data import read_csv_records
 from clipforge.evaluate.datasets import (captions_collate, captions_table, coco_captions, image_folder, labels_table,
                                          open_eval_dataset, wds_dataset)
+from clipforge.transforms import ImageLoadError
 from clipforge.evaluate.retrieval import evaluate_retrieval
 from clipforge.evaluate.runner import run_eval
 
@@ -63,6 +65,51 @@ def test_caption_tsv_and_coco_group_captions_by_image(tmp_path):
         assert [caps for _, caps in ds.items] == [caps for _, _, caps in items]
     batch = captions_collate([tsv[0], tsv[1]])
     assert batch[0].shape == (2, 3, 32, 32) and batch[1] == [items[0][2], items[1][2]]
+
+
+def test_tables_follow_the_data_readers_separator_rule(tmp_path):
+    """A non-.csv/.tsv name goes by its header line; this module once read every such file as commas."""
+    items = captioned_items(3)
+    root = tmp_path / "t"
+    root.mkdir()
+    for fname, img, _ in items:
+        img.save(root / fname)
+    (root / "labels.txt").write_text("filepath\tlabel\n" + "".join(f"{f}\t{i}\n" for i, (f, _, _) in enumerate(items)))
+    assert [y for _, y in labels_table(root / "labels.txt", classnames=["a", "b", "c"]).samples] == [0, 1, 2]
+    (root / "caps.txt").write_text("filepath,caption\n" + "".join(f"{f},{c}\n" for f, _, caps in items for c in caps))
+    table = captions_table(root / "caps.txt")
+    assert [caps for _, caps in table.items] == [caps for _, _, caps in items]
+    training = read_csv_records(root / "caps.txt", caption_key="caption")
+    assert [(r.path, r.caption) for r in training] == [(p, c) for p, caps in table.items for c in caps]
+
+
+def test_palette_png_reads_alike_from_every_layout(tmp_path):
+    """Folder, table and WebDataset images all go through the one opener (RGB at open)."""
+    img = make_image(COLORS["red_thing"], 7).convert("P", palette=1, colors=16)  # Image.Palette.ADAPTIVE
+    (tmp_path / "f" / "red").mkdir(parents=True)
+    img.save(tmp_path / "f" / "red" / "0.png")
+    (tmp_path / "labels.csv").write_text("filepath,label\nf/red/0.png,0\n")
+    root = write_wds(tmp_path / "wds", [("s0", img, 0)], retrieval=False, classnames=["red"], nshards=1)
+    folder = image_folder(tmp_path / "f", transform())[0][0]
+    table = labels_table(tmp_path / "labels.csv", transform())[0][0]
+    shard = next(iter(wds_dataset(root, transform())))[0]
+    assert folder.shape == (3, 32, 32) and torch.equal(folder, table) and torch.equal(folder, shard)
+
+
+def test_coco_images_found_beside_the_annotations_folder(tmp_path):
+    path = write_coco(tmp_path / "coco", captioned_items(2))
+    moved = tmp_path / "coco" / "annotations" / path.name  # COCO's own layout
+    moved.parent.mkdir()
+    path.rename(moved)
+    ds = coco_captions(moved, transform=transform())
+    assert all(p.is_file() for p, _ in ds.items) and ds[1][0].shape == (3, 32, 32)
+
+
+def test_broken_eval_image_raises_naming_the_file(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "labels.csv").write_text("filepath,label\nbroken.png,0\n")
+    with pytest.raises(ImageLoadError, match=r"broken\.png.*UnidentifiedImageError"):
+        labels_table(tmp_path / "labels.csv", transform())[0]
 
 
 def test_wds_classification_and_retrieval(tmp_path):

@@ -36,6 +36,14 @@ def test_classifier_bitwise_equal_to_open_clip(model, tok, per_batch):
     assert torch.allclose(ours.norm(dim=0), torch.ones(len(CLASSNAMES)), atol=1e-6)
 
 
+def test_bucketed_classifier_matches_default_on_an_open_clip_model(model, tok):
+    """Bucketing is an option of the one builder; a model without ``text.pooled_lengths`` keeps prompt order."""
+    templates = T.get_templates("cifar10")
+    plain = build_zero_shot_classifier(model, tok, CLASSNAMES, templates)
+    bucketed = build_zero_shot_classifier(model, tok, CLASSNAMES, templates, bucket_size=7)
+    assert bucketed.shape == plain.shape and (bucketed - plain).abs().max().item() <= 1e-6
+
+
 def test_simple_templates_match_open_clip_lambdas(model, tok):
     from open_clip.zero_shot_metadata import SIMPLE_IMAGENET_TEMPLATES as oc_simple
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 import clipforge
 from clipforge.checkpoints import CheckpointError
 from clipforge.checkpoints.hf_clip import (HF_TO_OPENCLIP, OPENCLIP_TO_HF, config_from_hf, hf_to_openclip,
-                                           is_hf_clip_dir, load_hf_clip, save_hf_clip)
+                                           is_hf_clip_dir, load_hf_clip, openclip_to_hf, save_hf_clip)
 from clipforge.config import OPENAI_MEAN, OPENAI_STD
 from clipforge.models import CLIP
 from conftest import CAPTIONS
@@ -169,6 +169,20 @@ def test_written_tokenizer_and_processor_load_in_transformers(tmp_path, photos):
     assert (pixels[0] - clip_images()[0]).abs().mean().item() < 0.02
 
 
+def test_weight_file_precedence_is_transformers(inputs, tmp_path):
+    """model.safetensors wins over pytorch_model.bin, as in transformers (one reader for every HF format)."""
+    from clipforge.checkpoints.hf_folder import WEIGHT_FILES, read_hf_weights
+
+    assert WEIGHT_FILES == ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                            "pytorch_model.bin.index.json")
+    images, tokens = inputs
+    ref = hf_reference(32, seed=4)
+    ref.save_pretrained(tmp_path)
+    torch.save({k: torch.zeros_like(v) for k, v in ref.state_dict().items()}, tmp_path / "pytorch_model.bin")
+    assert read_hf_weights(tmp_path)[1].endswith("model.safetensors")
+    assert max(max_diffs(load_hf_clip(tmp_path), *hf_features(ref, images, tokens), images, tokens)) <= TOL
+
+
 def test_sharded_safetensors(inputs, tmp_path):
     images, tokens = inputs
     ref = hf_reference(32, seed=3)
@@ -185,9 +199,15 @@ def test_key_table_is_a_bijection():
     converted = hf_to_openclip(hf_reference(32).state_dict())
     assert set(converted) == set(ours)
     assert all(converted[k].shape == v.shape for k, v in ours.items())
-    fused = [k for k, targets in OPENCLIP_TO_HF.items() if len(targets) == 3]
-    assert sorted(op for _, op in OPENCLIP_TO_HF[fused[0]]) == ["k", "q", "v"]
-    assert len(HF_TO_OPENCLIP) == sum(len(t) for t in OPENCLIP_TO_HF.values())
+    fused = [rule for rule in OPENCLIP_TO_HF.rules if len(rule.dst) == 3]
+    assert sorted(key.split(".")[-2] for key in fused[0].dst) == ["k_proj", "q_proj", "v_proj"]
+    kept = [rule for rule in HF_TO_OPENCLIP.rules if rule.dst is not None]  # all but the position_ids drops
+    assert sum(len(r.src) for r in kept) == sum(len(r.dst) for r in OPENCLIP_TO_HF.rules)
+    assert OPENCLIP_TO_HF.rules == [r.inverse() for r in kept]  # the inverse is generated, not written
+    # And back: the generated inverse gives transformers' keys and tensors exactly.
+    back = openclip_to_hf(converted)
+    ref_sd = hf_reference(32).state_dict()
+    assert set(back) == set(ref_sd) and all(torch.equal(back[k], v) for k, v in ref_sd.items())
     assert hf_keys == {k for k in hf_keys if k.split(".")[0] in {"text_model", "vision_model", "logit_scale",
                                                                "text_projection", "visual_projection"}}
 

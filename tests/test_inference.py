@@ -153,7 +153,7 @@ def test_compile_matches_eager():
     assert time.perf_counter() - start < 600
 
 
-def test_zero_shot_weights_equal_evaluate_builder(vit_pair):
+def test_bucketed_zero_shot_classifier_equals_default(vit_pair):
     from clipforge.evaluate.zero_shot import build_zero_shot_classifier
 
     _, model = vit_pair
@@ -161,9 +161,9 @@ def test_zero_shot_weights_equal_evaluate_builder(vit_pair):
     classes = ["cat", "golden retriever", "red-breasted merganser", "airliner"]
     templates = ["a photo of a {}.", "itap of a {}.", "a low resolution photo of the {}, taken at night."]
     with torch.inference_mode():
-        fast = inference.zero_shot_weights(model, tok, classes, templates, batch_size=4)
+        fast = build_zero_shot_classifier(model, tok, classes, templates, bucket_size=4)
         plain = build_zero_shot_classifier(model, tok, classes, templates)
     assert fast.shape == plain.shape == (model.cfg.embed_dim, len(classes))
     assert (fast - plain).abs().max().item() <= 1e-6
     with pytest.raises(ValueError):
-        inference.zero_shot_weights(model, tok, [], templates)
+        build_zero_shot_classifier(model, tok, [], templates, bucket_size=4)

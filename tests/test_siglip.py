@@ -1,5 +1,7 @@
 """SigLIP: OpenCLIP parity of the timm-ViT + bidirectional text architecture, and HF SiglipModel both ways."""
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,8 +12,10 @@ open_clip = pytest.importorskip("open_clip")
 
 import clipforge  # noqa: E402
 from clipforge.checkpoints import CheckpointError  # noqa: E402
-from clipforge.checkpoints.hf_siglip import (GLOBAL, PER_BLOCK, clip_config_from_hf, convert,  # noqa: E402
-                                             key_groups, load_hf_siglip, save_hf_siglip)
+from clipforge.checkpoints.convert import convert  # noqa: E402
+from clipforge.checkpoints.hf_siglip import (CLIPFORGE_TO_HF, HF_TO_CLIPFORGE, clip_config_from_hf,  # noqa: E402
+                                             load_hf_siglip, save_hf_siglip)
+from clipforge.checkpoints.openclip_hub import load_openclip_dir, save_openclip_dir  # noqa: E402
 from clipforge.config import CLIPConfig, PreprocessConfig  # noqa: E402
 from clipforge.models import add_model_config, get_model_config  # noqa: E402
 
@@ -216,25 +220,24 @@ def test_hf_siglip_table_covers_real_size_model():
     with torch.device("meta"):
         hf_sd = transformers.SiglipModel(config).state_dict()
         ours_sd = clipforge.models.CLIP(cfg).state_dict()
-    groups = key_groups(cfg.vision_cfg.layers, cfg.text_cfg.layers)
-    converted = convert(hf_sd, groups, ours_sd)
+    converted = HF_TO_CLIPFORGE.apply(hf_sd, ours_sd)
     assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in ours_sd.items()}
-    back = convert(ours_sd, groups, hf_sd, reverse=True)
-    assert set(back) == set(hf_sd)
-    assert len(groups) == len(GLOBAL) + 12 * len(PER_BLOCK)  # both towers have 12 blocks
+    back = CLIPFORGE_TO_HF.apply(ours_sd, hf_sd)
+    assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in hf_sd.items()}
+    # The writer's table is generated from the reader's: every rule but the position_ids drops, inverted.
+    assert CLIPFORGE_TO_HF.rules == [r.inverse() for r in HF_TO_CLIPFORGE.rules if r.dst is not None]
 
 
 def test_unexpected_and_missing_keys_raise(hf_siglip_dir):
     folder, hf = hf_siglip_dir
     ours = load_hf_siglip(folder)
-    groups = key_groups(2, 2)
     sd = dict(hf.state_dict())
     sd["vision_model.extra.weight"] = torch.zeros(1)
     with pytest.raises(CheckpointError, match="no SigLIP mapping.*vision_model.extra.weight"):
-        convert(sd, groups, ours.state_dict())
+        HF_TO_CLIPFORGE.apply(sd, ours.state_dict())
     del sd["vision_model.extra.weight"], sd["text_model.head.bias"]
     with pytest.raises(CheckpointError, match="missing text_model.head.bias"):
-        convert(sd, groups, ours.state_dict())
+        HF_TO_CLIPFORGE.apply(sd, ours.state_dict())
 
 
 def test_non_siglip_model_is_refused(tmp_path):
@@ -243,3 +246,81 @@ def test_non_siglip_model_is_refused(tmp_path):
         "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}}))
     with pytest.raises(CheckpointError, match="not a SigLIP model"):
         save_hf_siglip(model, tmp_path)
+
+
+# ---- conversion: the command line and OpenCLIP hub folders ------------------------------------------
+
+
+def _clipforge_convert(*args):
+    return subprocess.run([sys.executable, "-m", "clipforge", "convert", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def _hf_features(model, pixels, token_ids):
+    with torch.no_grad():
+        return (model.get_image_features(pixel_values=pixels).pooler_output,
+                model.get_text_features(input_ids=token_ids).pooler_output)
+
+
+def test_convert_command_reads_and_writes_transformers_siglip(hf_siglip_dir, pixels, token_ids, photos, tmp_path):
+    """transformers SigLIP folder -> OpenCLIP hub folder -> transformers SigLIP folder, from the command line."""
+    folder, hf = hf_siglip_dir
+    ref_img, ref_txt = _hf_features(hf, pixels, token_ids)
+    run = _clipforge_convert(folder, tmp_path / "oc", "--to", "open_clip_dir")
+    assert run.returncode == 0, run.stderr
+    assert "(hf_siglip)" in run.stdout and "open_clip_config.json" in run.stdout
+    ours = clipforge.create_model("local-dir:" + str(tmp_path / "oc"))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode_image(pixels), ref_img, rtol=0, atol=ATOL)
+        torch.testing.assert_close(ours.encode_text(token_ids), ref_txt, rtol=0, atol=ATOL)
+
+    run = _clipforge_convert(tmp_path / "oc", tmp_path / "hf", "--to", "hf_siglip")
+    assert run.returncode == 0, run.stderr
+    assert "(open_clip_dir)" in run.stdout
+    back = transformers.SiglipModel.from_pretrained(tmp_path / "hf").eval()
+    img, txt = _hf_features(back, pixels, token_ids)
+    torch.testing.assert_close(img, ref_img, rtol=0, atol=ATOL)
+    torch.testing.assert_close(txt, ref_txt, rtol=0, atol=ATOL)
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in hf.state_dict().items())
+    # The written processor and tokenizer load in transformers and agree with clipforge's.
+    processor = transformers.SiglipImageProcessor.from_pretrained(tmp_path / "hf")
+    theirs = processor(images=photos[:2], return_tensors="pt")["pixel_values"]
+    assert theirs.shape == (2, 3, 64, 64)
+    assert (theirs - pixels[:2]).abs().mean().item() < 0.02  # same recipe, up to resampling
+    texts = ["a photo of an astronaut", "a cat lying on the sofa"]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf_tok(texts[0])["input_ids"] == clipforge.get_tokenizer(ours.cfg)(texts)[0, :6].tolist()
+
+    run = _clipforge_convert(folder, tmp_path / "clip", "--to", "hf")
+    assert run.returncode != 0 and "hf_siglip" in run.stderr  # a SigLIP model is not a CLIPModel
+    assert not (tmp_path / "clip" / "config.json").exists()
+
+
+def test_siglip_from_transformers_round_trips_through_openclip_dir(hf_siglip_dir, pixels, token_ids, tmp_path):
+    folder, hf = hf_siglip_dir
+    ours = load_hf_siglip(folder)
+    assert CLIPConfig.from_dict(ours.cfg.to_dict()) == ours.cfg
+    assert ours.cfg.vision_cfg.timm_model_kwargs["class_token"] is False
+    pp = PreprocessConfig(image_size=64, resize_mode="squash", **SIGLIP_MEAN_STD)
+    save_openclip_dir(ours, tmp_path, pp)
+    back, back_pp = load_openclip_dir(tmp_path)
+    assert back.cfg == ours.cfg and back_pp == pp
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in ours.state_dict().items())
+    by_name = clipforge.create_model("local-dir:" + str(tmp_path))
+    with torch.no_grad():
+        expected = ours.encode_image(pixels), ours.encode_text(token_ids)
+        for model in (back, by_name):
+            assert torch.equal(model.encode_image(pixels), expected[0])
+            assert torch.equal(model.encode_text(token_ids), expected[1])
+    texts = ["A photo of an astronaut.", "a cat lying on the sofa"]
+    assert torch.equal(clipforge.get_tokenizer("local-dir:" + str(tmp_path))(texts),
+                       clipforge.get_tokenizer(ours.cfg)(texts))  # the tokenizer travelled with the weights
+
+
+def test_siglip_to_clip_format_points_to_hf_siglip(hf_siglip_dir, tmp_path):
+    folder, _ = hf_siglip_dir
+    with pytest.raises(CheckpointError, match="logit bias.*hf_siglip"):
+        convert(folder, tmp_path / "clip", "hf")
+    result = convert(folder, tmp_path / "siglip", "hf_siglip")
+    assert (result.source_format, result.target_format) == ("hf_siglip", "hf_siglip")
+    assert {p.name for p in result.written} >= {"config.json", "model.safetensors", "preprocessor_config.json"}

@@ -227,6 +227,23 @@ def test_load_image_errors_name_the_file(tmp_path, big_jpeg, content):
         load_image(path)
 
 
+def test_load_image_reads_bytes_like_the_file(tmp_path, images):
+    path = tmp_path / "rgba.png"
+    images["rgba"].save(path)
+    from_file, from_bytes = load_image(path), load_image(path.read_bytes())
+    assert from_bytes.mode == "RGB" and np.array_equal(np.asarray(from_bytes), np.asarray(from_file))
+    with pytest.raises(ImageLoadError, match=r"<19 bytes>: UnidentifiedImageError"):
+        load_image(b"not an image at all")
+
+
+def test_load_image_errors_say_why_and_are_os_and_value_errors(tmp_path):
+    with pytest.raises(ImageLoadError, match=r"missing\.png.*FileNotFoundError") as info:
+        load_image(tmp_path / "missing.png")
+    # Callers that caught the opener's old errors (OSError in datasets, ValueError in classify) still do.
+    assert isinstance(info.value, OSError) and isinstance(info.value, ValueError)
+    assert isinstance(info.value.__cause__, FileNotFoundError)
+
+
 def test_augmentation_config_from_json_dict():
     aug = AugmentationConfig.from_dict({"scale": [0.5, 1.0], "color_jitter": [0.4, 0.4, 0.4, 0.1]})
     assert aug == AugmentationConfig(scale=(0.5, 1.0), color_jitter=(0.4, 0.4, 0.4, 0.1))

@@ -16,8 +16,8 @@ from .checkpoints import infer_config, load_state_dict_into, read_checkpoint, un
 from .config import CLIPConfig, PreprocessConfig
 from .models.clip import CLIP
 from .models.registry import get_model_config
+from .precision import PRECISIONS, check_precision
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_HUB_PREFIX = "hf-hub:"
 LOCAL_DIR_PREFIX = "local-dir:"
 ModelName = Union[str, CLIPConfig, None]
@@ -62,7 +62,8 @@ def _hub_dir_files(repo_id: str, cache_dir: Optional[PathLike]) -> Tuple[Path, P
 
 def _from_hub_layout(schema: str, where: str, cache_dir: Optional[PathLike],
                      overrides: Optional[dict]) -> Tuple[CLIP, PreprocessConfig]:
-    from .checkpoints.openclip_hub import build_with_weights, find_weights, read_openclip_config
+    from .checkpoints.load import build_with_weights
+    from .checkpoints.openclip_hub import find_weights, read_openclip_config
 
     if schema == "local-dir":
         if not Path(where).is_dir():
@@ -78,7 +79,7 @@ def _from_hub_layout(schema: str, where: str, cache_dir: Optional[PathLike],
 def _build(model_name: ModelName, pretrained: Optional[PathLike], strict: bool, cache_dir: Optional[PathLike],
            overrides: Optional[dict] = None) -> Tuple[CLIP, Optional[PreprocessConfig]]:
     """(model, preprocessing the weights need, or None for the architecture's default)."""
-    from .checkpoints.openclip_hub import build_with_weights
+    from .checkpoints.load import build_with_weights
     from .pretrained import download_pretrained, get_pretrained_cfg, is_pretrained_tag
 
     schema, where = parse_model_name(model_name)
@@ -127,8 +128,7 @@ def create_model(
     ``cfg_overrides`` replaces architecture fields before the model is built (``CLIPConfig.with_overrides``),
     e.g. ``{"vision_cfg": {"patch_dropout": 0.5}}`` to fine-tune a tag with FLIP-style token dropout.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    check_precision(precision)
     model, preprocess = _build(model_name, pretrained, strict, cache_dir, cfg_overrides)
     model.to(device=device, dtype=PRECISIONS[precision])
     model.preprocess_cfg = preprocess or PreprocessConfig(image_size=model.cfg.vision_cfg.image_size)

@@ -8,7 +8,8 @@ function                    exact vs fp32?           what it buys
 ==========================  =======================  ==============================================
 ``encode_text_batched``     yes (<= 1e-6)            prompts sorted by length, so every batch stops
                                                      at its own longest EOT instead of position 77
-``zero_shot_weights``       yes (<= 1e-6)            a zero-shot classifier built that way
+                                                     (``build_zero_shot_classifier(bucket_size=N)``
+                                                     builds a zero-shot classifier that way)
 ``to_bf16_inference``       no (cos >= 0.99)         bf16 weights/activations on bf16 matmul units;
                                                      norms, final projections and outputs in fp32
 ``to_channels_last``        yes (<= 1e-5)            NHWC convolutions for ResNet towers (oneDNN)
@@ -16,83 +17,26 @@ function                    exact vs fp32?           what it buys
 ``compile_model``           yes (<= 1e-5)            ``torch.compile`` of both towers
 ==========================  =======================  ==============================================
 
-Measured speed-ups and accuracy deltas are in ``benchmarks/results/latest.md``.
+``text_lengths`` and ``encode_text_batched`` are evaluation's own (``clipforge.evaluate.features``),
+re-exported here. Measured speed-ups and accuracy deltas are in ``benchmarks/results/latest.md``.
 """
 from __future__ import annotations
 
 import copy
-from typing import Dict, Optional, Sequence, Tuple, Type
+from typing import Dict, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .evaluate.features import encode_text_batched, text_lengths
 from .models.clip import CLIP
 from .models.modified_resnet import ModifiedResNet
 from .models.text_transformer import TextTransformer
 from .models.vision_transformer import VisionTransformer
 
-__all__ = ["text_lengths", "encode_text_batched", "zero_shot_weights", "to_bf16_inference", "to_channels_last",
+__all__ = ["text_lengths", "encode_text_batched", "to_bf16_inference", "to_channels_last",
            "quantize_int8", "compile_model", "cosine_to", "FP32_KEPT"]
-
-
-def text_lengths(model: CLIP, tokens: torch.Tensor) -> torch.Tensor:
-    """Per prompt, the number of leading positions the pooled output depends on: [B] int64.
-
-    For a causal tower pooled at the EOT token that is EOT position + 1; otherwise every prompt
-    needs the full context and all lengths equal ``tokens.shape[1]``.
-    """
-    tower = model.text
-    full = torch.full((tokens.shape[0],), tokens.shape[1], dtype=torch.long, device=tokens.device)
-    if not isinstance(tower, TextTransformer) or not tower.cfg.causal or tower.cfg.output_tokens:
-        return full
-    if tower.cfg.pool_type == "argmax":
-        return tokens.argmax(dim=-1) + 1
-    if tower.cfg.pool_type == "eos":
-        return (tokens == tower.cfg.eos_id).int().argmax(dim=-1) + 1
-    if tower.cfg.pool_type == "first":
-        return torch.ones_like(full)
-    return full
-
-
-def encode_text_batched(model: CLIP, tokens: torch.Tensor, batch_size: int = 256,
-                        normalize: bool = False) -> torch.Tensor:
-    """``model.encode_text`` over many prompts, grouped by length; rows come back in input order.
-
-    ``encode_text`` already drops positions after the longest EOT of its batch. Sorting first makes
-    each batch's longest EOT close to its shortest, so a set of mixed prompts (templates x class
-    names) runs ~L_mean instead of ~L_max positions. Each row's result is the one ``encode_text``
-    gives it alone, so this is exact up to matmul blocking (<= 1e-6).
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if tokens.shape[0] == 0:
-        return model.encode_text(tokens, normalize=normalize)
-    order = torch.argsort(text_lengths(model, tokens), stable=True)  # [B], shortest first
-    chunks = []
-    for start in range(0, tokens.shape[0], batch_size):
-        chunks.append(model.encode_text(tokens[order[start:start + batch_size]], normalize=normalize))
-    sorted_feats = torch.cat(chunks)  # [B, D] in length order
-    out = torch.empty_like(sorted_feats)
-    out[order] = sorted_feats
-    return out
-
-
-def zero_shot_weights(model: CLIP, tokenizer, classnames: Sequence[str], templates: Sequence[str],
-                      batch_size: int = 256) -> torch.Tensor:
-    """Zero-shot class weights [D, C] like OpenCLIP's ``build_zero_shot_classifier``, bucketed.
-
-    All ``C * T`` prompts are tokenized together and encoded by :func:`encode_text_batched`; per
-    class, the normalised prompt embeddings are averaged and normalised again (OpenCLIP's
-    arithmetic). Works unchanged on a model prepared by ``to_bf16_inference``/``quantize_int8``.
-    """
-    if len(classnames) == 0 or len(templates) == 0:
-        raise ValueError("need at least one class name and one template")
-    prompts = [t.format(c) for c in classnames for t in templates]  # class-major
-    with torch.no_grad():
-        emb = encode_text_batched(model, tokenizer(prompts), batch_size, normalize=True).float()
-        emb = emb.reshape(len(classnames), len(templates), -1).mean(dim=1)  # [C, T, D] -> [C, D]
-        return F.normalize(emb, dim=-1).T  # [D, C]
 
 
 # Per tower class: the parameters/submodules that bf16 inference keeps in fp32 (besides all norms).

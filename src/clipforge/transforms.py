@@ -8,6 +8,7 @@ crop and colour jitter parameters, Python's `random` for the apply/skip coins).
 from __future__ import annotations
 
 import functools
+import io
 import os
 import random
 import warnings
@@ -34,13 +35,21 @@ class AugmentationConfig:
     """Train-time augmentation; the fields and their meaning are those of OpenCLIP's AugmentationCfg."""
 
     scale: Tuple[float, float] = (0.9, 1.0)
-    ratio: Optional[Tuple[float, float]] = None  # timm only
-    color_jitter: Optional[Union[float, Tuple[float, ...]]] = None  # 4-tuple unless timm
-    re_prob: Optional[float] = None  # random erasing, timm only
-    re_count: Optional[int] = None  # timm only
+    """RandomResizedCrop area range"""
+    ratio: Optional[Tuple[float, float]] = None
+    """RandomResizedCrop aspect-ratio range (timm only)"""
+    color_jitter: Optional[Union[float, Tuple[float, ...]]] = None
+    """colour jitter strength: one value or a 4-tuple (brightness, contrast, saturation, hue) unless timm"""
+    re_prob: Optional[float] = None
+    """random-erasing probability (timm only)"""
+    re_count: Optional[int] = None
+    """random-erasing count (timm only)"""
     use_timm: bool = False
+    """build the augmentation with timm's create_transform"""
     color_jitter_prob: Optional[float] = None
+    """probability of applying colour jitter"""
     gray_scale_prob: Optional[float] = None
+    """probability of converting to grey scale"""
 
     @classmethod
     def from_dict(cls, d: dict) -> "AugmentationConfig":
@@ -180,16 +189,26 @@ def _triple(v: Union[float, Sequence[float]]) -> Tuple[float, ...]:
     return tuple(v) if isinstance(v, (tuple, list)) else (float(v),) * 3
 
 
-class ImageLoadError(OSError):
-    """An image file could not be opened or decoded; the message names the file."""
+class ImageLoadError(OSError, ValueError):
+    """An image could not be opened or decoded; the message names the file and the reason.
+
+    An ``OSError`` (a missing or unreadable file) and a ``ValueError`` (content that is not an image),
+    so callers catching either keep working.
+    """
+
+
+ImageSource = Union[str, os.PathLike, bytes, bytearray]
 
 
 def load_image(
-    path: Union[str, os.PathLike],
+    source: ImageSource,
     target_size: Optional[Union[int, Tuple[int, int]]] = None,
     draft: bool = False,
 ) -> Image.Image:
-    """Open an image fully decoded as RGB.
+    """Open an image (a path, or the bytes of an encoded file) fully decoded as RGB.
+
+    This is clipforge's one image opener: training data, evaluation sets and ``classify`` all read
+    images through it, so truncated files fail here (not later in a transform) with the same message.
 
     With `draft=True` and a `target_size` (h, w), a JPEG is decoded at a reduced DCT scale
     (1/2, 1/4 or 1/8) when every side stays at least `DRAFT_MARGIN` times the target side; other
@@ -198,8 +217,9 @@ def load_image(
     from a full decode (and OpenCLIP). It is therefore off by default. The RGB conversion also
     happens before any resize here, which differs from OpenCLIP only for images with alpha.
     """
+    is_bytes = isinstance(source, (bytes, bytearray))
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(source) if is_bytes else source) as img:
             if draft and target_size is not None:
                 height, width = as_tuple2(target_size)
                 # PIL picks the largest scale whose (ceil-rounded) output is >= the requested size.
@@ -207,4 +227,5 @@ def load_image(
             img.load()
             return img.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise ImageLoadError(f"cannot read image {os.fspath(path)!r}: {err}") from err
+        name = f"<{len(source)} bytes>" if is_bytes else repr(os.fspath(source))
+        raise ImageLoadError(f"cannot read image {name}: {type(err).__name__}: {err}") from err

@@ -1,61 +1,63 @@
-"""Hugging Face ``transformers`` CLIPModel directories, read and written with exact weights.
+"""The ``hf`` format: transformers ``CLIPModel`` directories, read and written with exact weights.
 
 transformers 4.x and 5.x ``CLIPModel`` files share weight names; files from transformers < 4.31 also
 carry ``position_ids`` buffers, and old configs pool text at the argmax id (``eos_token_id == 2``).
+SigLIP models (a logit bias, a timm image tower) are the ``hf_siglip`` format.
 """
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from ..config import OPENAI_MEAN, OPENAI_STD, CLIPConfig, PreprocessConfig, TextConfig, VisionConfig, as_tuple2
-from .io import CheckpointError, PathLike, atomic_write, read_checkpoint, save_safetensors
-from .load import unwrap_state_dict
+from ..models.clip import text_keys_to_root
+from ..tokenizer.hf_files import write_hf_tokenizer
+from .hf_folder import (image_processor_config, model_type, read_config, read_hf_weights, read_image_processor,
+                        write_json)
+from .io import CheckpointError, PathLike, save_safetensors
+from .keymap import KeyMap, prefixed
+from .load import build_with_weights
 
-# One transformer block: HF name -> (OpenCLIP name, op). Ops: "=" copy; "T" transpose (HF Linear
-# [out, in] vs OpenCLIP parameter [in, out]); "q"/"k"/"v" the thirds (dim 0) of the fused in_proj.
-_BLOCK = {
-    "self_attn.q_proj.weight": ("attn.in_proj_weight", "q"), "self_attn.q_proj.bias": ("attn.in_proj_bias", "q"),
-    "self_attn.k_proj.weight": ("attn.in_proj_weight", "k"), "self_attn.k_proj.bias": ("attn.in_proj_bias", "k"),
-    "self_attn.v_proj.weight": ("attn.in_proj_weight", "v"), "self_attn.v_proj.bias": ("attn.in_proj_bias", "v"),
-    "self_attn.out_proj.weight": ("attn.out_proj.weight", "="), "self_attn.out_proj.bias": ("attn.out_proj.bias", "="),
-    "layer_norm1.weight": ("ln_1.weight", "="), "layer_norm1.bias": ("ln_1.bias", "="),
-    "layer_norm2.weight": ("ln_2.weight", "="), "layer_norm2.bias": ("ln_2.bias", "="),
-    "mlp.fc1.weight": ("mlp.c_fc.weight", "="), "mlp.fc1.bias": ("mlp.c_fc.bias", "="),
-    "mlp.fc2.weight": ("mlp.c_proj.weight", "="), "mlp.fc2.bias": ("mlp.c_proj.bias", "="),
-}
-# transformers CLIPModel key template -> (OpenCLIP key template, op); "{}" is a block index.
-HF_TO_OPENCLIP: Dict[str, Tuple[str, str]] = {
-    "logit_scale": ("logit_scale", "="),
-    "text_projection.weight": ("text_projection", "T"), "visual_projection.weight": ("visual.proj", "T"),
-    "text_model.embeddings.token_embedding.weight": ("token_embedding.weight", "="),
-    "text_model.embeddings.position_embedding.weight": ("positional_embedding", "="),
-    "text_model.final_layer_norm.weight": ("ln_final.weight", "="),
-    "text_model.final_layer_norm.bias": ("ln_final.bias", "="),
-    "vision_model.embeddings.class_embedding": ("visual.class_embedding", "="),
-    "vision_model.embeddings.patch_embedding.weight": ("visual.conv1.weight", "="),
-    "vision_model.embeddings.position_embedding.weight": ("visual.positional_embedding", "="),
+DESCRIPTION = "a transformers CLIPModel directory (config.json with model_type 'clip')"
+IS_DIRECTORY = True
+
+# One transformer block: transformers' CLIPEncoderLayer -> OpenCLIP's ResidualAttentionBlock (SigLIP's
+# text tower uses it too). transformers keeps q, k and v as three Linear layers; OpenCLIP's
+# nn.MultiheadAttention one fused in_proj, [q; k; v] along dim 0.
+BLOCK = [
+    (("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), "attn.in_proj_weight"),
+    (("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"), "attn.in_proj_bias"),
+    ("self_attn.out_proj.weight", "attn.out_proj.weight"), ("self_attn.out_proj.bias", "attn.out_proj.bias"),
+    ("layer_norm1.weight", "ln_1.weight"), ("layer_norm1.bias", "ln_1.bias"),
+    ("layer_norm2.weight", "ln_2.weight"), ("layer_norm2.bias", "ln_2.bias"),
+    ("mlp.fc1.weight", "mlp.c_fc.weight"), ("mlp.fc1.bias", "mlp.c_fc.bias"),
+    ("mlp.fc2.weight", "mlp.c_proj.weight"), ("mlp.fc2.bias", "mlp.c_proj.bias"),
+]
+# transformers CLIPModel -> OpenCLIP (OpenAI layout: text tower at the root); "{}" is a block index,
+# "T" a transpose (transformers' Linear [out, in] vs OpenCLIP's projection parameter [in, out]).
+HF_TO_OPENCLIP = KeyMap("CLIPModel", src_name="transformers", dst_name="OpenCLIP", rules=[
+    ("logit_scale", "logit_scale"),
+    ("text_projection.weight", "text_projection", "T"), ("visual_projection.weight", "visual.proj", "T"),
+    ("text_model.embeddings.token_embedding.weight", "token_embedding.weight"),
+    ("text_model.embeddings.position_embedding.weight", "positional_embedding"),
+    ("text_model.final_layer_norm.weight", "ln_final.weight"),
+    ("text_model.final_layer_norm.bias", "ln_final.bias"),
+    ("vision_model.embeddings.class_embedding", "visual.class_embedding"),
+    ("vision_model.embeddings.patch_embedding.weight", "visual.conv1.weight"),
+    ("vision_model.embeddings.position_embedding.weight", "visual.positional_embedding"),
     # "layrnorm" (sic) is how transformers spells it in its files.
-    "vision_model.pre_layrnorm.weight": ("visual.ln_pre.weight", "="),
-    "vision_model.pre_layrnorm.bias": ("visual.ln_pre.bias", "="),
-    "vision_model.post_layernorm.weight": ("visual.ln_post.weight", "="),
-    "vision_model.post_layernorm.bias": ("visual.ln_post.bias", "="),
-    **{f"text_model.encoder.layers.{{}}.{h}": (f"transformer.resblocks.{{}}.{o}", op) for h, (o, op) in _BLOCK.items()},
-    **{f"vision_model.encoder.layers.{{}}.{h}": (f"visual.transformer.resblocks.{{}}.{o}", op)
-       for h, (o, op) in _BLOCK.items()},
-}
-# Generated inverse: OpenCLIP template -> [(HF template, op)], q/k/v in fused order.
-OPENCLIP_TO_HF: Dict[str, List[Tuple[str, str]]] = {}
-for _hf, (_oc, _op) in HF_TO_OPENCLIP.items():
-    OPENCLIP_TO_HF.setdefault(_oc, []).append((_hf, _op))
-# Buffers that transformers < 4.31 saved; they are arange() and rebuilt from shapes.
-HF_IGNORED = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
-_FUSED = ("q", "k", "v")
-_INDEX = re.compile(r"\.(\d+)\.")
+    ("vision_model.pre_layrnorm.weight", "visual.ln_pre.weight"),
+    ("vision_model.pre_layrnorm.bias", "visual.ln_pre.bias"),
+    ("vision_model.post_layernorm.weight", "visual.ln_post.weight"),
+    ("vision_model.post_layernorm.bias", "visual.ln_post.bias"),
+    # Buffers that transformers < 4.31 saved; they are arange() and rebuilt from shapes.
+    ("text_model.embeddings.position_ids", None), ("vision_model.embeddings.position_ids", None),
+    *prefixed("text_model.encoder.layers.{}.", "transformer.resblocks.{}.", BLOCK),
+    *prefixed("vision_model.encoder.layers.{}.", "visual.transformer.resblocks.{}.", BLOCK),
+])
+OPENCLIP_TO_HF = HF_TO_OPENCLIP.inverse()  # generated: the writer cannot disagree with the reader
 
 # transformers' CLIPTextConfig / CLIPVisionConfig defaults, for keys a config.json leaves out.
 _TEXT_DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
@@ -66,62 +68,20 @@ _VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_laye
 # hidden_act -> (quick_gelu, act_kwargs); each is computed by the same torch op on both sides.
 _ACTIVATIONS = {"quick_gelu": (True, None), "gelu": (False, None),
                 "gelu_pytorch_tanh": (False, {"approximate": "tanh"})}
-_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL codes used by CLIPImageProcessor
 _LEGACY_EOS = 2  # transformers pools at the argmax token id when text eos_token_id == 2
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-def _split_index(key: str) -> Tuple[str, Optional[int]]:
-    """("a.3.b" -> ("a.{}.b", 3)); keys without a block index come back unchanged with None."""
-    m = _INDEX.search(key)
-    return (key, None) if m is None else (key[: m.start()] + ".{}." + key[m.end():], int(m.group(1)))
-
-
-def _unexpected(source: str, what: str, keys: List[str]) -> CheckpointError:
-    return CheckpointError(f"{source}: {len(keys)} unexpected {what} key(s): {', '.join(keys[:8])}"
-                           + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else ""))
 
 
 def hf_to_openclip(state_dict: Dict[str, torch.Tensor], source: str = "state dict") -> Dict[str, torch.Tensor]:
     """transformers CLIPModel weights -> OpenCLIP (OpenAI-layout) weights; errors on unknown keys."""
-    out: Dict[str, torch.Tensor] = {}
-    fused: Dict[str, Dict[str, torch.Tensor]] = {}
-    unexpected = [k for k in state_dict if k not in HF_IGNORED and _split_index(k)[0] not in HF_TO_OPENCLIP]
-    if unexpected:
-        raise _unexpected(source, "transformers CLIPModel", unexpected)
-    for key, tensor in state_dict.items():
-        template, index = _split_index(key)
-        if key in HF_IGNORED:
-            continue
-        oc_template, op = HF_TO_OPENCLIP[template]
-        oc_key = oc_template.format(index)
-        if op in _FUSED:
-            fused.setdefault(oc_key, {})[op] = tensor
-        else:
-            out[oc_key] = tensor.t().contiguous() if op == "T" else tensor
-    for oc_key, parts in fused.items():
-        missing = [p for p in _FUSED if p not in parts]
-        if missing:
-            raise CheckpointError(f"{source}: {oc_key} lacks its {'/'.join(missing)} projection(s)")
-        out[oc_key] = torch.cat([parts[p] for p in _FUSED], dim=0)  # 3 x [D, ...] -> [3D, ...]
-    return out
+    return HF_TO_OPENCLIP.apply(state_dict, source=source)
 
 
 def openclip_to_hf(state_dict: Dict[str, torch.Tensor], source: str = "model") -> Dict[str, torch.Tensor]:
     """OpenCLIP (OpenAI-layout) weights -> transformers CLIPModel weights; errors on unknown keys."""
-    out: Dict[str, torch.Tensor] = {}
-    unexpected = [k for k in state_dict if _split_index(k)[0] not in OPENCLIP_TO_HF]
-    if unexpected:
-        raise _unexpected(source, "CLIP (not representable in transformers CLIPModel)", unexpected)
-    for key, tensor in state_dict.items():
-        template, index = _split_index(key)
-        targets = OPENCLIP_TO_HF[template]
-        thirds = tensor.chunk(3, dim=0) if targets[0][1] in _FUSED else None  # [3D, ...] -> 3 x [D, ...]
-        for hf_template, op in targets:
-            value = thirds[_FUSED.index(op)] if op in _FUSED else (tensor.t() if op == "T" else tensor)
-            out[hf_template.format(index)] = value.contiguous()
-    out["logit_scale"] = out["logit_scale"].reshape(())
-    return out
+    sd = dict(state_dict)
+    if "logit_scale" in sd:  # transformers' is a scalar; OpenCLIP's may be [1] (nonscalar_logit_scale)
+        sd["logit_scale"] = sd["logit_scale"].reshape(())
+    return OPENCLIP_TO_HF.apply(sd, source=source)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -190,8 +150,10 @@ def _hf_activation(quick_gelu: bool, act_kwargs: Optional[dict]) -> Optional[str
 def config_to_hf(cfg: CLIPConfig, logit_scale: float, dtype: torch.dtype = torch.float32) -> dict:
     """clipforge CLIPConfig -> transformers config.json; raises naming what HF CLIP cannot express."""
     if _unsupported(cfg):
+        hint = (" (a model with a logit bias is SigLIP-style: write it in the hf_siglip format, "
+                "`clipforge convert --to hf_siglip`)" if cfg.init_logit_bias is not None else "")
         raise CheckpointError("model cannot be written as a transformers CLIPModel: it has "
-                              + "; ".join(_unsupported(cfg)))
+                              + "; ".join(_unsupported(cfg)) + hint)
     v, t = cfg.vision_cfg, cfg.text_cfg
     towers = {}
     for name, c in (("vision", v), ("text", t)):
@@ -210,53 +172,19 @@ def config_to_hf(cfg: CLIPConfig, logit_scale: float, dtype: torch.dtype = torch
 
 # ----------------------------------------------------------------------------- directories
 def is_hf_clip_dir(path: PathLike) -> bool:
-    config = Path(path) / "config.json"
-    try:
-        return config.is_file() and json.loads(config.read_text()).get("model_type") == "clip"
-    except (ValueError, AttributeError):  # not JSON / not an object
-        return False
+    return model_type(path) == "clip"
 
 
-def _read_hf_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], str]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():  # sharded: {"weight_map": {key: shard file}}
-        sd: Dict[str, torch.Tensor] = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            sd.update(read_checkpoint(path / shard))
-        return sd, str(index)
-    for name in WEIGHT_FILES:
-        if (path / name).is_file():
-            return unwrap_state_dict(read_checkpoint(path / name)), str(path / name)
-    files = sorted(p.name for p in path.iterdir())
-    raise CheckpointError(f"{path}: no transformers weights ({' or '.join(WEIGHT_FILES)}); files: {files}")
-
-
-def read_hf_preprocess(path: PathLike, image_size: int) -> PreprocessConfig:
-    """preprocessor_config.json (CLIPImageProcessor) as a PreprocessConfig; defaults when absent."""
-    file = Path(path) / "preprocessor_config.json"
-    if not file.is_file():
-        return PreprocessConfig(image_size=image_size)
-    p = json.loads(file.read_text())
-    size, crop = p.get("size") or {}, p.get("crop_size") or {}
-    squash = "shortest_edge" not in size and not p.get("do_center_crop", True)
-    box = size if squash else crop
-    h, w = box.get("height", image_size), box.get("width", image_size)
-    return PreprocessConfig(image_size=h if h == w else (h, w), resize_mode="squash" if squash else "shortest",
-                            interpolation=_RESAMPLE.get(p.get("resample", 3), "bicubic"),
-                            mean=tuple(p.get("image_mean", OPENAI_MEAN)), std=tuple(p.get("image_std", OPENAI_STD)))
+def default_preprocess(image_size: int) -> PreprocessConfig:
+    """CLIPImageProcessor's defaults: shortest side, centre crop, OpenAI mean/std, bicubic."""
+    return PreprocessConfig(image_size=image_size, mean=OPENAI_MEAN, std=OPENAI_STD)
 
 
 def load_hf_clip(path: PathLike):
     """A transformers CLIPModel directory as a clipforge CLIP (fp32, eval mode)."""
-    from .openclip_hub import build_with_weights
-
     path = Path(path)
-    config = path / "config.json"
-    if not config.is_file():
-        files = sorted(p.name for p in path.iterdir()) if path.is_dir() else "not a directory"
-        raise CheckpointError(f"{config}: missing; {path} is not a transformers CLIP directory (files: {files})")
-    cfg = config_from_hf(json.loads(config.read_text()), source=str(config))
-    sd, source = _read_hf_weights(path)
+    cfg = config_from_hf(read_config(path, "transformers CLIP"), source=str(path / "config.json"))
+    sd, source = read_hf_weights(path)
     return build_with_weights(cfg, hf_to_openclip(sd, source), source)
 
 
@@ -264,36 +192,28 @@ def save_hf_clip(model, path: PathLike, tokenizer: bool = True,
                  preprocess_cfg: Optional[PreprocessConfig] = None) -> List[Path]:
     """Write ``model`` so ``transformers.CLIPModel/CLIPProcessor.from_pretrained(path)`` load it."""
     path = Path(path)
-    sd = model.state_dict()
-    if model.cfg.custom_text:  # keys under "text." -> OpenAI root layout
-        sd = {(k[len("text."):] if k.startswith("text.") else k): v for k, v in sd.items()}
+    sd = text_keys_to_root(model.state_dict())  # keys under "text." (custom_text) -> OpenAI root layout
     hf_cfg = config_to_hf(model.cfg, float(model.logit_scale.detach().reshape(-1)[0]), model.logit_scale.dtype)
     hf_sd = openclip_to_hf(sd, source=type(model).__name__)
+    pp = preprocess_cfg or default_preprocess(model.cfg.vision_cfg.image_size)
+    processor = image_processor_config(pp, "CLIPImageProcessor", "CLIPProcessor", can_crop=True)
     save_safetensors(hf_sd, path / "model.safetensors", metadata={"format": "pt"})
-    pp = preprocess_cfg or PreprocessConfig(image_size=model.cfg.vision_cfg.image_size)
-    written = [_write_json(path / "config.json", hf_cfg), path / "model.safetensors",
-               _write_json(path / "preprocessor_config.json", _image_processor_config(pp))]
+    written = [write_json(path / "config.json", hf_cfg), path / "model.safetensors",
+               write_json(path / "preprocessor_config.json", processor)]
     if tokenizer:
-        from .openclip_hub import write_hf_tokenizer
         written += write_hf_tokenizer(path, model.cfg.text_cfg.context_length)
     return written
 
 
-def _image_processor_config(pp: PreprocessConfig) -> dict:
-    h, w = (pp.image_size, pp.image_size) if isinstance(pp.image_size, int) else pp.image_size
-    resample = {name: code for code, name in _RESAMPLE.items()}
-    if pp.resize_mode not in ("shortest", "squash") or pp.interpolation not in resample:
-        raise CheckpointError(f"CLIPImageProcessor cannot express resize_mode={pp.resize_mode!r}, "
-                              f"interpolation={pp.interpolation!r}")
-    squash = pp.resize_mode == "squash"
-    return {"image_processor_type": "CLIPImageProcessor", "processor_class": "CLIPProcessor", "do_resize": True,
-            "size": {"height": h, "width": w} if squash else {"shortest_edge": min(h, w)},
-            "resample": resample[pp.interpolation], "do_center_crop": not squash,
-            "crop_size": {"height": h, "width": w}, "do_rescale": True, "rescale_factor": 1 / 255,
-            "do_normalize": True, "image_mean": list(pp.mean), "image_std": list(pp.std), "do_convert_rgb": True}
+# ----------------------------------------------------------------------------- the format (formats.py)
+detect = is_hf_clip_dir
 
 
-def _write_json(file: Path, obj) -> Path:
-    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
-    atomic_write(file, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-    return file
+def load(path: PathLike, model_name: Optional[str] = None):
+    """(CLIP in eval mode, PreprocessConfig from preprocessor_config.json); config.json gives the architecture."""
+    model = load_hf_clip(path)
+    return model, read_image_processor(path, default_preprocess(model.cfg.vision_cfg.image_size))
+
+
+def save(model, path: PathLike, preprocess_cfg: Optional[PreprocessConfig] = None) -> List[Path]:
+    return save_hf_clip(model, path, preprocess_cfg=preprocess_cfg)

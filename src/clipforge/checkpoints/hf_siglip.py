@@ -1,148 +1,83 @@
-"""Hugging Face ``SiglipModel`` folders <-> clipforge SigLIP models (OpenCLIP's timm-based key layout).
+"""The ``hf_siglip`` format: transformers ``SiglipModel`` folders <-> clipforge SigLIP models.
 
-The image tower becomes a timm SigLIP ViT (``attn_pool`` "map" head, no class token) and the text
-tower clipforge's bidirectional ``TextTransformer`` pooling the last token; both are sized from the
-HF ``config.json``. Weights move through one table of key templates used in both directions.
+The image tower becomes a timm SigLIP ViT (``attn_pool`` "map" head, no class token) laid out as
+OpenCLIP's ``TimmModel``, the text tower clipforge's bidirectional ``TextTransformer`` pooling the last
+token; both are sized from the folder's ``config.json``. Weights move through one key table
+(``HF_TO_CLIPFORGE``) whose inverse writes them back.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import List, Optional
 
 import torch
 
-from ..config import CLIPConfig, TextConfig, VisionConfig
-from ..models.clip import CLIP
-from .io import CheckpointError, read_checkpoint
-from .load import describe_mismatch
+from ..config import CLIPConfig, PreprocessConfig, TextConfig, VisionConfig
+from ..models.clip import CLIP, TEXT_PREFIX
+from ..tokenizer.hf_files import copy_hf_tokenizer
+from .hf_clip import BLOCK
+from .hf_folder import (has_tokenizer, image_processor_config, model_type, read_config, read_hf_weights,
+                        read_image_processor, tokenizer_folder, write_json)
+from .io import CheckpointError, PathLike, save_safetensors, write_text
+from .keymap import KeyMap, prefixed
+from .load import build_with_weights
+
+DESCRIPTION = "a transformers SiglipModel directory (config.json with model_type 'siglip')"
+IS_DIRECTORY = True
 
 # Any registered timm ViT works as the base: every architecture argument is overridden below.
 TIMM_SIGLIP_BASE = "vit_base_patch16_siglip_224"
 # HF activation name -> (timm act_layer name, clipforge nn.GELU kwargs)
 ACTIVATIONS = {"gelu_pytorch_tanh": ("gelu_tanh", {"approximate": "tanh"}), "gelu": ("gelu", None)}
 TIMM_LN_EPS = 1e-6  # timm's ViT builds its LayerNorms with this eps
+SIGLIP_MEAN_STD = (0.5, 0.5, 0.5)
 
-V_HF, V_CF = "vision_model.", "visual.trunk."
-T_HF, T_CF = "text_model.", "text."
-_BLOCK_HF = "encoder.layers.{}."
-
-# (HF keys, clipforge keys): the concatenation along dim 0 of the left side equals that of the right
-# side (reshaped). "{}" is the block index. Every key on both sides must be covered exactly once.
-PER_BLOCK: List[Tuple[Tuple[str, ...], Tuple[str, ...]]] = []
-for _hf, _cf, _tower_hf, _tower_cf in (
-    ("layer_norm1.{p}", "norm1.{p}", V_HF, V_CF + "blocks.{}."),
-    ("layer_norm2.{p}", "norm2.{p}", V_HF, V_CF + "blocks.{}."),
-    ("self_attn.out_proj.{p}", "attn.proj.{p}", V_HF, V_CF + "blocks.{}."),
-    ("mlp.fc1.{p}", "mlp.fc1.{p}", V_HF, V_CF + "blocks.{}."),
-    ("mlp.fc2.{p}", "mlp.fc2.{p}", V_HF, V_CF + "blocks.{}."),
-    ("layer_norm1.{p}", "ln_1.{p}", T_HF, T_CF + "transformer.resblocks.{}."),
-    ("layer_norm2.{p}", "ln_2.{p}", T_HF, T_CF + "transformer.resblocks.{}."),
-    ("self_attn.out_proj.{p}", "attn.out_proj.{p}", T_HF, T_CF + "transformer.resblocks.{}."),
-    ("mlp.fc1.{p}", "mlp.c_fc.{p}", T_HF, T_CF + "transformer.resblocks.{}."),
-    ("mlp.fc2.{p}", "mlp.c_proj.{p}", T_HF, T_CF + "transformer.resblocks.{}."),
-):
-    for _p in ("weight", "bias"):
-        PER_BLOCK.append(((_tower_hf + _BLOCK_HF + _hf.format(p=_p),), (_tower_cf + _cf.format(p=_p),)))
-for _p in ("weight", "bias"):
-    _qkv = tuple(f"{V_HF}{_BLOCK_HF}self_attn.{n}_proj.{_p}" for n in "qkv")
-    PER_BLOCK.append((_qkv, (f"{V_CF}blocks.{{}}.attn.qkv.{_p}",)))
-    _qkv = tuple(f"{T_HF}{_BLOCK_HF}self_attn.{n}_proj.{_p}" for n in "qkv")
-    _in_proj = "in_proj_weight" if _p == "weight" else "in_proj_bias"
-    PER_BLOCK.append((_qkv, (f"{T_CF}transformer.resblocks.{{}}.attn.{_in_proj}",)))
-
-GLOBAL: List[Tuple[Tuple[str, ...], Tuple[str, ...]]] = [
-    ((V_HF + "embeddings.patch_embedding.weight",), (V_CF + "patch_embed.proj.weight",)),
-    ((V_HF + "embeddings.patch_embedding.bias",), (V_CF + "patch_embed.proj.bias",)),
-    ((V_HF + "embeddings.position_embedding.weight",), (V_CF + "pos_embed",)),  # [N, D] vs [1, N, D]
-    ((V_HF + "post_layernorm.weight",), (V_CF + "norm.weight",)),
-    ((V_HF + "post_layernorm.bias",), (V_CF + "norm.bias",)),
-    ((V_HF + "head.probe",), (V_CF + "attn_pool.latent",)),
-    # nn.MultiheadAttention's fused [q; k; v] projection vs timm's separate q and fused [k; v].
-    ((V_HF + "head.attention.in_proj_weight",), (V_CF + "attn_pool.q.weight", V_CF + "attn_pool.kv.weight")),
-    ((V_HF + "head.attention.in_proj_bias",), (V_CF + "attn_pool.q.bias", V_CF + "attn_pool.kv.bias")),
-    ((V_HF + "head.attention.out_proj.weight",), (V_CF + "attn_pool.proj.weight",)),
-    ((V_HF + "head.attention.out_proj.bias",), (V_CF + "attn_pool.proj.bias",)),
-    ((V_HF + "head.layernorm.weight",), (V_CF + "attn_pool.norm.weight",)),
-    ((V_HF + "head.layernorm.bias",), (V_CF + "attn_pool.norm.bias",)),
-    ((V_HF + "head.mlp.fc1.weight",), (V_CF + "attn_pool.mlp.fc1.weight",)),
-    ((V_HF + "head.mlp.fc1.bias",), (V_CF + "attn_pool.mlp.fc1.bias",)),
-    ((V_HF + "head.mlp.fc2.weight",), (V_CF + "attn_pool.mlp.fc2.weight",)),
-    ((V_HF + "head.mlp.fc2.bias",), (V_CF + "attn_pool.mlp.fc2.bias",)),
-    ((T_HF + "embeddings.token_embedding.weight",), (T_CF + "token_embedding.weight",)),
-    ((T_HF + "embeddings.position_embedding.weight",), (T_CF + "positional_embedding",)),
-    ((T_HF + "final_layer_norm.weight",), (T_CF + "ln_final.weight",)),
-    ((T_HF + "final_layer_norm.bias",), (T_CF + "ln_final.bias",)),
-    ((T_HF + "head.weight",), (T_CF + "text_projection.weight",)),
-    ((T_HF + "head.bias",), (T_CF + "text_projection.bias",)),
-    (("logit_scale",), ("logit_scale",)),  # [1] in HF, a scalar in OpenCLIP's SigLIP
-    (("logit_bias",), ("logit_bias",)),
+# One image block: transformers' SiglipEncoderLayer -> timm's ViT Block (fused [q; k; v] as attn.qkv).
+VISION_BLOCK = [
+    (("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), "attn.qkv.weight"),
+    (("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"), "attn.qkv.bias"),
+    ("self_attn.out_proj.weight", "attn.proj.weight"), ("self_attn.out_proj.bias", "attn.proj.bias"),
+    ("layer_norm1.weight", "norm1.weight"), ("layer_norm1.bias", "norm1.bias"),
+    ("layer_norm2.weight", "norm2.weight"), ("layer_norm2.bias", "norm2.bias"),
+    ("mlp.fc1.weight", "mlp.fc1.weight"), ("mlp.fc1.bias", "mlp.fc1.bias"),
+    ("mlp.fc2.weight", "mlp.fc2.weight"), ("mlp.fc2.bias", "mlp.fc2.bias"),
 ]
-
-
-def key_groups(vision_layers: int, text_layers: int) -> List[Tuple[Tuple[str, ...], Tuple[str, ...]]]:
-    """The table with block templates expanded for the given depths."""
-    groups = list(GLOBAL)
-    for hf, cf in PER_BLOCK:
-        depth = vision_layers if hf[0].startswith(V_HF) else text_layers
-        groups += [(tuple(k.format(i) for k in hf), tuple(k.format(i) for k in cf)) for i in range(depth)]
-    return groups
-
-
-def convert(src: Dict[str, torch.Tensor], groups, target: Dict[str, torch.Tensor], reverse: bool = False,
-            source: str = "checkpoint") -> Dict[str, torch.Tensor]:
-    """Map ``src`` onto the keys and shapes of ``target`` through ``groups`` (HF -> clipforge, or back)."""
-    out: Dict[str, torch.Tensor] = {}
-    used = set()
-    for hf_keys, cf_keys in groups:
-        from_keys, to_keys = (cf_keys, hf_keys) if reverse else (hf_keys, cf_keys)
-        missing = [k for k in from_keys if k not in src]
-        if missing:
-            raise CheckpointError(f"{source}: missing {missing[0]} (needed for {to_keys[0]})")
-        used.update(from_keys)
-        flat = torch.cat([_unbatch(src[k]) for k in from_keys])  # concatenated along dim 0
-        sizes = [_unbatch(target[k]).shape[0] for k in to_keys]
-        parts = flat.split(sizes) if sum(sizes) == flat.shape[0] else None
-        if parts is None or any(p.numel() != target[k].numel() for p, k in zip(parts, to_keys)):
-            shapes = [tuple(src[k].shape) for k in from_keys]
-            raise CheckpointError(f"{source}: {list(from_keys)} with shapes {shapes} do not fit "
-                                  f"{[(k, tuple(target[k].shape)) for k in to_keys]}")
-        for key, part in zip(to_keys, parts):
-            out[key] = part.reshape(target[key].shape).to(target[key].dtype).clone()
-    unexpected = sorted(set(src) - used)
-    if unexpected:
-        raise CheckpointError(f"{source}: {len(unexpected)} keys have no SigLIP mapping: {unexpected[:5]}")
-    return out
-
-
-def _unbatch(t: torch.Tensor) -> torch.Tensor:
-    """Scalars become [1]; timm's [1, N, D] position/latent tensors drop their batch axis."""
-    if t.dim() == 0:
-        return t.reshape(1)
-    if t.dim() == 3 and t.shape[0] == 1:
-        return t[0]
-    return t
+_V, _T = "visual.trunk.", TEXT_PREFIX
+# transformers SiglipModel -> clipforge (OpenCLIP's SigLIP layout: timm trunk, "text."-prefixed text tower).
+HF_TO_CLIPFORGE = KeyMap("SigLIP", src_name="transformers", dst_name="clipforge", rules=[
+    ("vision_model.embeddings.patch_embedding.weight", _V + "patch_embed.proj.weight"),
+    ("vision_model.embeddings.patch_embedding.bias", _V + "patch_embed.proj.bias"),
+    ("vision_model.embeddings.position_embedding.weight", _V + "pos_embed", "unsqueeze0"),  # [N, D] -> [1, N, D]
+    ("vision_model.post_layernorm.weight", _V + "norm.weight"), ("vision_model.post_layernorm.bias", _V + "norm.bias"),
+    ("vision_model.head.probe", _V + "attn_pool.latent"),
+    # nn.MultiheadAttention's fused [q; k; v] projection vs timm's separate q and fused [k; v].
+    ("vision_model.head.attention.in_proj_weight", (_V + "attn_pool.q.weight", _V + "attn_pool.kv.weight"),
+     "copy", (1, 2)),
+    ("vision_model.head.attention.in_proj_bias", (_V + "attn_pool.q.bias", _V + "attn_pool.kv.bias"), "copy", (1, 2)),
+    ("vision_model.head.attention.out_proj.weight", _V + "attn_pool.proj.weight"),
+    ("vision_model.head.attention.out_proj.bias", _V + "attn_pool.proj.bias"),
+    ("vision_model.head.layernorm.weight", _V + "attn_pool.norm.weight"),
+    ("vision_model.head.layernorm.bias", _V + "attn_pool.norm.bias"),
+    ("vision_model.head.mlp.fc1.weight", _V + "attn_pool.mlp.fc1.weight"),
+    ("vision_model.head.mlp.fc1.bias", _V + "attn_pool.mlp.fc1.bias"),
+    ("vision_model.head.mlp.fc2.weight", _V + "attn_pool.mlp.fc2.weight"),
+    ("vision_model.head.mlp.fc2.bias", _V + "attn_pool.mlp.fc2.bias"),
+    ("text_model.embeddings.token_embedding.weight", _T + "token_embedding.weight"),
+    ("text_model.embeddings.position_embedding.weight", _T + "positional_embedding"),
+    ("text_model.final_layer_norm.weight", _T + "ln_final.weight"),
+    ("text_model.final_layer_norm.bias", _T + "ln_final.bias"),
+    ("text_model.head.weight", _T + "text_projection.weight"), ("text_model.head.bias", _T + "text_projection.bias"),
+    ("logit_scale", "logit_scale", "squeeze0"), ("logit_bias", "logit_bias", "squeeze0"),  # [1] -> [], as OpenCLIP
+    # arange() buffers some transformers versions save; rebuilt from shapes.
+    ("text_model.embeddings.position_ids", None), ("vision_model.embeddings.position_ids", None),
+    *prefixed("vision_model.encoder.layers.{}.", _V + "blocks.{}.", VISION_BLOCK),
+    *prefixed("text_model.encoder.layers.{}.", _T + "transformer.resblocks.{}.", BLOCK),
+])
+CLIPFORGE_TO_HF = HF_TO_CLIPFORGE.inverse()
 
 
 # ---- configs --------------------------------------------------------------------------------------
-
-
-@dataclass
-class TimmVisionConfig(VisionConfig):
-    """VisionConfig plus keyword arguments for ``timm.create_model`` (architecture overrides).
-
-    Used only while ``VisionConfig`` itself lacks ``timm_model_kwargs``.
-    """
-    timm_model_kwargs: Optional[dict] = field(default=None)
-
-
-def _vision_config(**fields) -> VisionConfig:
-    if "timm_model_kwargs" in {f.name for f in dataclasses.fields(VisionConfig)}:
-        return VisionConfig(**fields)
-    return TimmVisionConfig(**fields)
 
 
 def _mlp_ratio(width: int, hidden: int) -> float:
@@ -177,7 +112,7 @@ def clip_config_from_hf(hf: dict, tokenizer_dir: Optional[str] = None) -> CLIPCo
         raise CheckpointError(f"text projection ({projection}) and image width ({v.hidden_size}) differ")
     timm_act, _ = _activation(v.hidden_act, "vision_config")
     _, text_act = _activation(t.hidden_act, "text_config")
-    vision = _vision_config(
+    vision = VisionConfig(
         image_size=v.image_size, patch_size=v.patch_size, width=v.hidden_size, layers=v.num_hidden_layers,
         head_width=v.hidden_size // v.num_attention_heads,
         mlp_ratio=_mlp_ratio(v.hidden_size, v.intermediate_size),
@@ -217,7 +152,8 @@ def hf_config_from_clip(model: CLIP):
     if model.logit_bias is None:
         problems.append("the model has no logit bias")
     if problems:
-        raise CheckpointError("not a SigLIP model: " + "; ".join(problems))
+        raise CheckpointError("not a SigLIP model: " + "; ".join(problems)
+                              + " (CLIP models are written as transformers CLIPModel: the hf format)")
     block = trunk.blocks[0]
     vision_act = {"GELUTanh": "gelu_pytorch_tanh", "GELU": "gelu"}.get(type(block.mlp.act).__name__)
     if type(block.mlp.act).__name__ == "GELU" and getattr(block.mlp.act, "approximate", "none") == "tanh":
@@ -242,62 +178,70 @@ def hf_config_from_clip(model: CLIP):
 
 # ---- folders --------------------------------------------------------------------------------------
 
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+def is_hf_siglip_dir(path: PathLike) -> bool:
+    return model_type(path) == "siglip"
 
 
-def _read_hf_weights(folder: Path) -> Dict[str, torch.Tensor]:
-    for name in _WEIGHT_FILES:
-        if (folder / name).is_file():
-            return dict(read_checkpoint(folder / name))
-    for name in _INDEX_FILES:
-        if (folder / name).is_file():
-            shards = sorted(set(json.loads((folder / name).read_text())["weight_map"].values()))
-            out: Dict[str, torch.Tensor] = {}
-            for shard in shards:
-                out.update(read_checkpoint(folder / shard))
-            return out
-    raise CheckpointError(f"{folder}: no {' or '.join(_WEIGHT_FILES)} (or sharded index) found")
+def default_preprocess(image_size: int) -> PreprocessConfig:
+    """SiglipImageProcessor's defaults: squash to a square, mean/std 0.5, bicubic."""
+    return PreprocessConfig(image_size=image_size, resize_mode="squash", interpolation="bicubic",
+                            mean=SIGLIP_MEAN_STD, std=SIGLIP_MEAN_STD)
 
 
-def _has_tokenizer(folder: Path) -> bool:
-    return any((folder / n).is_file() for n in ("tokenizer.json", "spiece.model", "tokenizer_config.json"))
+def load_hf_siglip(folder: PathLike) -> CLIP:
+    """A clipforge CLIP (eval mode) from a transformers ``SiglipModel.save_pretrained`` folder.
 
-
-def load_hf_siglip(folder: Union[str, Path]) -> CLIP:
-    """A clipforge CLIP (eval mode) from a transformers ``SiglipModel.save_pretrained`` folder."""
+    When the folder holds a tokenizer, the model's ``hf_tokenizer_name`` points at the folder.
+    """
     folder = Path(folder)
-    hf_config = json.loads((folder / "config.json").read_text())
-    cfg = clip_config_from_hf(hf_config, tokenizer_dir=str(folder) if _has_tokenizer(folder) else None)
-    model = CLIP(cfg)
-    target = model.state_dict()
-    groups = key_groups(cfg.vision_cfg.layers, cfg.text_cfg.layers)
-    sd = convert(_read_hf_weights(folder), groups, target, source=str(folder))
-    problems = describe_mismatch(target, sd)
-    if problems:
-        raise CheckpointError(f"{folder}: {problems}")
-    model.load_state_dict(sd, strict=True)
-    return model.eval()
+    hf_config = read_config(folder, "transformers SigLIP")
+    cfg = clip_config_from_hf(hf_config, tokenizer_dir=str(folder) if has_tokenizer(folder) else None)
+    with torch.device("meta"):
+        expected = CLIP(cfg).state_dict()
+    sd, source = read_hf_weights(folder)
+    return build_with_weights(cfg, HF_TO_CLIPFORGE.apply(sd, expected, source=source), source)
 
 
-def save_hf_siglip(model: CLIP, folder: Union[str, Path], tokenizer=None) -> Path:
-    """Write ``model`` as a transformers SiglipModel folder (config.json + model.safetensors).
+def save_hf_siglip(model: CLIP, folder: PathLike, tokenizer=None,
+                   preprocess_cfg: Optional[PreprocessConfig] = None) -> List[Path]:
+    """Write ``model`` as a transformers SiglipModel folder; returns the files written.
 
-    ``tokenizer`` (a transformers tokenizer, or clipforge's HFTokenizer) is saved alongside when given.
+    config.json, model.safetensors and preprocessor_config.json (``preprocess_cfg``, default SigLIP's),
+    plus the tokenizer: ``tokenizer`` (a transformers tokenizer, or clipforge's HFTokenizer) when
+    given, else the model's own when ``hf_tokenizer_name`` is a local folder.
     """
     import transformers
 
     folder = Path(folder)
     hf_config = hf_config_from_clip(model)
-    hf_model = transformers.SiglipModel(hf_config)
-    target = hf_model.state_dict()
-    groups = key_groups(hf_config.vision_config.num_hidden_layers, hf_config.text_config.num_hidden_layers)
-    sd = convert(model.state_dict(), groups, target, reverse=True, source="clipforge model")
-    problems = describe_mismatch(target, sd)
-    if problems:
-        raise CheckpointError(f"SiglipModel does not fit: {problems}")
-    hf_model.load_state_dict(sd, strict=True)
-    hf_model.save_pretrained(folder)
+    hf_config.architectures = ["SiglipModel"]
+    with torch.device("meta"):
+        expected = transformers.SiglipModel(hf_config).state_dict()
+    sd = CLIPFORGE_TO_HF.apply(model.state_dict(), expected, source="clipforge model")
+    pp = preprocess_cfg or default_preprocess(model.cfg.vision_cfg.image_size)
+    processor = image_processor_config(pp, "SiglipImageProcessor", "SiglipProcessor", can_crop=False)
+    save_safetensors(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    written = [folder / "model.safetensors", write_json(folder / "preprocessor_config.json", processor)]
+    source = tokenizer_folder(model.cfg.text_cfg.hf_tokenizer_name)
     if tokenizer is not None:
-        getattr(tokenizer, "tokenizer", tokenizer).save_pretrained(folder)
-    return folder
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        written += [Path(f) for f in tokenizer.save_pretrained(folder) if Path(f).is_file()]
+    elif source is not None and source.resolve() != folder.resolve():
+        written += copy_hf_tokenizer(source, folder)
+    # The config goes last: a folder is only recognised (model_type) once its weights are complete.
+    return [write_text(folder / "config.json", hf_config.to_json_string()), *written]
+
+
+# ---- the format (formats.py) ----------------------------------------------------------------------
+detect = is_hf_siglip_dir
+
+
+def load(path: PathLike, model_name: Optional[str] = None):
+    """(CLIP in eval mode, PreprocessConfig from preprocessor_config.json); config.json gives the architecture."""
+    model = load_hf_siglip(path)
+    return model, read_image_processor(path, default_preprocess(model.cfg.vision_cfg.image_size))
+
+
+def save(model, path: PathLike, preprocess_cfg: Optional[PreprocessConfig] = None) -> List[Path]:
+    return save_hf_siglip(model, path, preprocess_cfg=preprocess_cfg)

@@ -1,16 +1,14 @@
 """Reading and writing tensor files safely: no arbitrary unpickling, atomic writes."""
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Union
+from typing import Any, Dict
 
 import torch
 
-PathLike = Union[str, os.PathLike]
+from ..atomic import PathLike, atomic_write, write_text  # noqa: F401  (re-exported: clipforge.checkpoints.atomic_write)
 
 
 class CheckpointError(ValueError):
@@ -25,12 +23,13 @@ def is_torchscript_archive(path: PathLike) -> bool:
         return any(name.endswith("constants.pkl") for name in zf.namelist())
 
 
-def read_checkpoint(path: PathLike) -> Any:
+def read_checkpoint(path: PathLike, mmap: bool = False) -> Any:
     """Load a checkpoint's content without executing pickled code.
 
     ``.safetensors`` files are read directly; torch files with ``weights_only=True``; TorchScript
     archives through ``torch.jit.load`` (which restores tensors and TorchScript modules, not
-    arbitrary Python objects) and are reduced to their state dict.
+    arbitrary Python objects) and are reduced to their state dict. ``mmap`` maps the tensors of
+    torch zip files instead of reading them (cheap when only the keys are looked at).
     """
     path = Path(path)
     if not path.exists():
@@ -42,6 +41,8 @@ def read_checkpoint(path: PathLike) -> Any:
         scripted = torch.jit.load(str(path), map_location="cpu")
         return {k: v for k, v in scripted.state_dict().items()}
     try:
+        if mmap and zipfile.is_zipfile(path):  # torch's mmap needs the zip format (torch >= 1.6 files)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
@@ -52,31 +53,6 @@ def read_checkpoint(path: PathLike) -> Any:
         ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile) as e:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({e})") from e
-
-
-def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder, fsync, then rename over ``path``.
-
-    A crash at any moment leaves either the previous file or the complete new one, never a torn one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_torch(obj: Any, path: PathLike) -> None:

@@ -1,20 +1,26 @@
-"""Loading OpenCLIP / OpenAI state dicts into clipforge models, with errors that name the keys."""
+"""Loading OpenCLIP / OpenAI state dicts into clipforge models, with errors that name the keys.
+
+``build_with_weights`` is the one strict builder every format's reader ends in.
+"""
 from __future__ import annotations
 
+import itertools
 from typing import Any, Dict, Mapping
 
 import torch
 from torch import nn
 
+from ..config import CLIPConfig
+from ..models.clip import CLIP, text_keys_from_root, text_keys_to_root
 from ..models.pos_embed import resample_1d_pos_embed, resample_grid_pos_embed
 from .io import CheckpointError, read_checkpoint
-from .openai import OPENAI_META_KEYS
 
 # Where training frameworks nest the weights inside a checkpoint dict.
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
+# Scalars OpenAI's TorchScript archives keep next to the weights.
+OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
 # Buffers that other implementations persist but clipforge derives (the causal mask).
 _DERIVED_KEYS = ("attn_mask", "text.attn_mask")
-_TEXT_ROOT_PREFIXES = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
 
 
 def unwrap_state_dict(obj: Any) -> Dict[str, torch.Tensor]:
@@ -45,9 +51,9 @@ def adapt_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> D
     sd = dict(state_dict)
     custom_text = getattr(getattr(model, "cfg", None), "custom_text", False)
     if custom_text and "text_projection" in sd:  # OpenAI layout into a text.-prefixed model
-        sd = {("text." + k if k.startswith(_TEXT_ROOT_PREFIXES) else k): v for k, v in sd.items()}
+        sd = text_keys_from_root(sd)
     elif not custom_text:
-        sd = {(k[len("text."):] if k.startswith("text.") else k): v for k, v in sd.items()}
+        sd = text_keys_to_root(sd)
 
     pos_key = "visual.positional_embedding"
     grid = getattr(getattr(model, "visual", None), "grid_size", None)
@@ -89,3 +95,22 @@ def load_state_dict_into(model: nn.Module, checkpoint: Any, strict: bool = True,
         raise CheckpointError(f"{source} does not fit the model: {problems}")
     model.load_state_dict(sd, strict=strict)
     return model
+
+
+def build_with_weights(cfg: CLIPConfig, checkpoint: Any, source: str):
+    """``CLIP(cfg)`` holding ``checkpoint``'s weights (strictly), in eval mode.
+
+    The model is built on the meta device and the weights assigned, skipping a random init that
+    costs more than reading the file for large models; towers with state outside the state dict
+    (left on meta) are rebuilt normally.
+    """
+    with torch.device("meta"):
+        model = CLIP(cfg)
+    sd = adapt_state_dict(unwrap_state_dict(checkpoint), model)
+    problems = describe_mismatch(model.state_dict(), sd)
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model: {problems}")
+    model.load_state_dict(sd, strict=True, assign=True)
+    if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+        model = load_state_dict_into(CLIP(cfg), sd, strict=True, source=source)
+    return model.eval()

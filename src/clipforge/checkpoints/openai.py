@@ -1,15 +1,26 @@
-"""OpenAI CLIP checkpoints: architecture inferred from tensor shapes, so files load without a name."""
+"""The ``openai`` format: OpenAI CLIP's single-file checkpoints, readable without a model name.
+
+A TorchScript archive (OpenAI's releases) or a plain state dict in OpenAI's key layout (text tower at
+the root of the state dict). The architecture is inferred from tensor shapes, with QuickGELU as
+OpenAI's weights use, unless a model name is given. Files in OpenCLIP's wider layout (training
+checkpoints, ``text.``-prefixed towers) are the ``open_clip`` format; both share the reader here.
+"""
 from __future__ import annotations
 
 import math
-from typing import Dict
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..config import CLIPConfig, TextConfig, VisionConfig
+from ..config import CLIPConfig, PreprocessConfig, TextConfig, VisionConfig
+from ..models.clip import TEXT_PREFIX, text_keys_to_root
+from .io import CheckpointError, PathLike, is_torchscript_archive, read_checkpoint, save_torch
+from .load import build_with_weights, unwrap_state_dict
 
-# Scalars OpenAI's TorchScript archives keep next to the weights.
-OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
+DESCRIPTION = "an OpenAI-layout state dict or TorchScript file (text tower at the root)"
+IS_DIRECTORY = False
+_HF_PREFIXES = ("text_model.", "vision_model.")
 
 
 def _count_blocks(state_dict: Dict[str, torch.Tensor], prefix: str) -> int:
@@ -42,3 +53,77 @@ def infer_config(state_dict: Dict[str, torch.Tensor]) -> CLIPConfig:
         raise ValueError(f"cannot infer a CLIP architecture: the state dict has no key {e.args[0]!r} "
                          f"(is this an OpenAI/OpenCLIP CLIP checkpoint?)") from None
     return CLIPConfig(embed_dim=embed_dim, vision_cfg=vision, text_cfg=text, quick_gelu=True)
+
+
+# ---- single-file checkpoints (shared with the open_clip format) ------------------------------------
+
+
+def file_layout(path: PathLike) -> str:
+    """``"openai"`` or ``"open_clip"`` for a checkpoint file (its tensors mapped, not read, where possible).
+
+    OpenAI's layout: TorchScript, or a flat state dict with the text tower at the root. Anything else
+    holding CLIP weights (wrapped training checkpoints, ``text.`` towers, ...) is OpenCLIP's.
+    """
+    path = Path(path)
+    if is_torchscript_archive(path):
+        return "openai"
+    raw = read_checkpoint(path, mmap=True)
+    sd = unwrap_state_dict(raw)
+    if any(k.startswith(_HF_PREFIXES) for k in sd):
+        raise CheckpointError(f"{path}: holds transformers CLIPModel weights; pass the directory with its "
+                              f"config.json instead of the weight file")
+    flat = isinstance(raw, dict) and len(raw) == len(sd) and all(k in sd for k in raw)
+    openai_layout = "text_projection" in sd and not any(k.startswith(TEXT_PREFIX) for k in sd)
+    return "openai" if flat and openai_layout else "open_clip"
+
+
+def load_state_dict_file(path: PathLike, model_name: Optional[str], fmt: str) -> Tuple[object, PreprocessConfig]:
+    """(CLIP in eval mode, default preprocessing) from a state-dict file of format ``fmt``.
+
+    ``model_name`` gives the architecture, else the shapes do (OpenAI's layout only).
+    """
+    path = Path(path)
+    sd = unwrap_state_dict(read_checkpoint(path))
+    if model_name is not None:
+        from ..models.registry import get_model_config
+        cfg = get_model_config(model_name)
+    else:
+        try:
+            cfg = infer_config(sd)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: an {fmt} checkpoint whose architecture cannot be inferred ({e}); "
+                                  f"pass a model name (see clipforge.list_models())") from None
+    return build_with_weights(cfg, sd, str(path)), PreprocessConfig(image_size=cfg.vision_cfg.image_size)
+
+
+# ---- the format ------------------------------------------------------------------------------------
+
+
+def detect(path: PathLike) -> bool:
+    return Path(path).is_file() and file_layout(path) == "openai"
+
+
+def load(path: PathLike, model_name: Optional[str] = None):
+    """(CLIP in eval mode, PreprocessConfig) from an OpenAI-layout file."""
+    return load_state_dict_file(path, model_name, "openai")
+
+
+def openai_state_dict(model) -> Dict[str, torch.Tensor]:
+    """The model's weights in OpenAI's layout: text tower at the root, no ``text.`` prefix."""
+    if model.cfg.text_cfg.kind != "transformer" or model.cfg.vision_cfg.kind == "timm":
+        raise CheckpointError("OpenAI's layout has no place for timm / Hugging Face towers; convert to open_clip")
+    return {k: v.detach().cpu() for k, v in text_keys_to_root(model.state_dict()).items()}
+
+
+def save(model, path: PathLike, preprocess_cfg: Optional[PreprocessConfig] = None) -> List[Path]:
+    """One torch state-dict file in OpenAI's layout, written atomically (the preprocessing is not recorded)."""
+    save_torch(openai_state_dict(model), path)
+    return [Path(path)]
+
+
+def notes(model) -> List[str]:
+    """What a reader of the written file must know."""
+    if model.cfg.quick_gelu:
+        return []
+    return ["OpenAI-layout files do not record the activation and this model uses GELU: load it with its "
+            "model name (shape inference assumes OpenAI's QuickGELU)"]

@@ -7,16 +7,18 @@ weights need no model name.
 """
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
-
-import torch
+from typing import List, Optional, Tuple
 
 from ..config import CLIPConfig, PreprocessConfig
-from .io import CheckpointError, PathLike, atomic_write, read_checkpoint, save_safetensors, save_torch
-from .load import adapt_state_dict, describe_mismatch, load_state_dict_into, unwrap_state_dict
+from ..tokenizer.hf_files import copy_hf_tokenizer, write_hf_tokenizer
+from .hf_folder import tokenizer_folder
+from .io import CheckpointError, PathLike, read_checkpoint, save_safetensors, save_torch, write_text
+from .load import build_with_weights
+
+DESCRIPTION = "an OpenCLIP hub directory (open_clip_config.json)"
+IS_DIRECTORY = True
 
 CONFIG_NAME = "open_clip_config.json"
 SAFETENSORS_NAME = "open_clip_model.safetensors"
@@ -25,7 +27,6 @@ TORCH_NAME = "open_clip_pytorch_model.bin"
 WEIGHT_NAMES = (SAFETENSORS_NAME, "open_clip_pytorch_model.safetensors", TORCH_NAME, "open_clip_pytorch_model.pth")
 _VISION_CORE = ("image_size", "layers", "width", "head_width", "mlp_ratio", "patch_size")
 _TEXT_CORE = ("context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio")
-_SOT, _EOT = "<|startoftext|>", "<|endoftext|>"  # transformers' names for CLIP's special tokens
 _PREPROCESS_KEYS = {"size", "mode", "mean", "std", "interpolation", "resize_mode", "fill_color"}
 
 
@@ -74,27 +75,6 @@ def _explicit_model_cfg(cfg: CLIPConfig) -> dict:
     return d
 
 
-def build_with_weights(cfg: CLIPConfig, checkpoint: Any, source: str):
-    """``CLIP(cfg)`` holding ``checkpoint``'s weights (strictly), in eval mode.
-
-    The model is built on the meta device and the weights assigned, skipping a random init that
-    costs more than reading the file for large models; towers with state outside the state dict
-    (left on meta) are rebuilt normally.
-    """
-    from ..models.clip import CLIP
-
-    with torch.device("meta"):
-        model = CLIP(cfg)
-    sd = adapt_state_dict(unwrap_state_dict(checkpoint), model)
-    problems = describe_mismatch(model.state_dict(), sd)
-    if problems:
-        raise CheckpointError(f"{source} does not fit the model: {problems}")
-    model.load_state_dict(sd, strict=True, assign=True)
-    if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
-        model = load_state_dict_into(CLIP(cfg), sd, strict=True, source=source)
-    return model.eval()
-
-
 def load_openclip_dir(path: PathLike):
     """(CLIP in eval mode, PreprocessConfig) from an OpenCLIP hub-layout directory."""
     cfg, preprocess = read_openclip_config(path)
@@ -107,8 +87,9 @@ def save_openclip_dir(model, path: PathLike, preprocess_cfg: Optional[Preprocess
     """Write ``model`` so ``open_clip.create_model_and_transforms("local-dir:" + path)`` loads it.
 
     ``preprocess_cfg`` defaults to CLIP's (OpenAI mean/std, bicubic) at the model's image size.
-    ``tokenizer`` adds CLIP's BPE as transformers tokenizer files, as ``open_clip.push_to_hf_hub``
-    uploads them (models with a Hugging Face tokenizer are skipped: its files are not ours to write).
+    ``tokenizer`` adds the tokenizer files, as ``open_clip.push_to_hf_hub`` uploads them: CLIP's BPE
+    as transformers files, or a Hugging Face tokenizer read from a local folder (e.g. that of a
+    converted transformers SigLIP); a tokenizer named on the Hub is left to the Hub.
     """
     path = Path(path)
     if not (safetensors or torch_bin):
@@ -118,8 +99,11 @@ def save_openclip_dir(model, path: PathLike, preprocess_cfg: Optional[Preprocess
     text = json.dumps(hub, indent=2) + "\n"
     sd = model.state_dict()
     written = []
-    if tokenizer and not model.cfg.text_cfg.hf_tokenizer_name:
+    hf_tokenizer = model.cfg.text_cfg.hf_tokenizer_name
+    if tokenizer and not hf_tokenizer:
         written += write_hf_tokenizer(path, model.cfg.text_cfg.context_length)
+    elif tokenizer and tokenizer_folder(hf_tokenizer) and Path(hf_tokenizer).resolve() != path.resolve():
+        written += copy_hf_tokenizer(hf_tokenizer, path)
     if safetensors:
         save_safetensors(sd, path / SAFETENSORS_NAME)
         written.append(path / SAFETENSORS_NAME)
@@ -127,28 +111,16 @@ def save_openclip_dir(model, path: PathLike, preprocess_cfg: Optional[Preprocess
         save_torch({k: v.detach().cpu() for k, v in sd.items()}, path / TORCH_NAME)
         written.append(path / TORCH_NAME)
     # The config goes last: a directory is only recognised once its weights are complete.
-    atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_text(path / CONFIG_NAME, text)
     return [path / CONFIG_NAME, *written]
 
 
-def write_hf_tokenizer(path: PathLike, context_length: int = 77) -> List[Path]:
-    """CLIP's BPE as transformers ``CLIPTokenizer`` files (vocab.json, merges.txt, configs).
+# The format interface (see formats.py).
+detect = is_openclip_dir
+save = save_openclip_dir
 
-    Generated from clipforge's own vocabulary file, so no download is needed; ids match OpenCLIP's.
-    """
-    from ..tokenizer.bpe import byte_to_unicode, read_merges
 
-    path = Path(path)
-    merges = read_merges()
-    symbols = list(byte_to_unicode().values())
-    # CLIP's id order: 256 byte symbols, the same with "</w>", one token per merge, then SOT and EOT.
-    tokens = symbols + [s + "</w>" for s in symbols] + [a + b for a, b in merges] + [_SOT, _EOT]
-    specials = dict(bos_token=_SOT, eos_token=_EOT, unk_token=_EOT, pad_token=_EOT)
-    files = {"vocab.json": json.dumps({tok: i for i, tok in enumerate(tokens)}, ensure_ascii=False),
-             "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
-             "tokenizer_config.json": json.dumps(dict(tokenizer_class="CLIPTokenizer",
-                                                      model_max_length=context_length, **specials), indent=2),
-             "special_tokens_map.json": json.dumps(specials, indent=2)}
-    for name, text in files.items():
-        atomic_write(path / name, lambda tmp, text=text: Path(tmp).write_text(text, encoding="utf-8"))
-    return [path / name for name in files]
+def load(path: PathLike, model_name: Optional[str] = None):
+    """(CLIP in eval mode, PreprocessConfig); the directory's own config gives the architecture."""
+    return load_openclip_dir(path)
+

@@ -1,8 +1,10 @@
-"""Map-style (image, caption) datasets: CSV/TSV, COCO captions JSON, image folder + JSONL.
+"""Caption files (CSV/TSV, COCO captions JSON, JSON lines) and the map-style datasets built on them.
 
+These readers are the only ones in clipforge: training, validation, ``clipforge shards`` and the
+evaluation tables all parse their index files here, with one separator rule (:func:`table_separator`).
 Readers parse the index file eagerly into :class:`CaptionRecord`s (so a malformed file fails
 at start-up, naming the file and line), while images are opened lazily in ``__getitem__``,
-where a broken image only becomes a :class:`BrokenSample` to be skipped and counted.
+where a broken training image only becomes a :class:`BrokenSample` to be skipped and counted.
 """
 from __future__ import annotations
 
@@ -11,12 +13,13 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .robust import BrokenSample, DataError, describe_exception, load_pil_image
+from ..transforms import load_image
+from .robust import BrokenSample, DataError, describe_exception
 
 PathLike = Union[str, Path]
 Transform = Callable[[Any], Tensor]
@@ -29,16 +32,86 @@ class CaptionRecord(NamedTuple):
     source: str  # "file:line" of the index entry, for messages
 
 
-def _resolve(root: Path, p: str) -> Path:
+class TableRow(NamedTuple):
+    values: Dict[str, str]  # column name -> field
+    source: str  # "file:line", for messages
+
+
+CAPTION_KINDS = ("csv", "tsv", "coco", "jsonl", "auto")
+_KIND_BY_SUFFIX = {".csv": "csv", ".tsv": "csv", ".tab": "csv", ".jsonl": "jsonl", ".json": "coco"}
+
+
+def resolve_path(root: Path, p: str) -> Path:
+    """``p`` itself when absolute (``~`` expanded), else relative to ``root``."""
     q = Path(p).expanduser()
     return q if q.is_absolute() else root / q
 
 
-def guess_separator(path: PathLike, sep: Optional[str] = None) -> str:
-    """Explicit ``sep`` wins; else ``.csv`` means comma and anything else (``.tsv``) a tab."""
+def table_separator(path: PathLike, sep: Optional[str] = None) -> str:
+    """The field separator of a header-first table, by one rule used by every reader in clipforge.
+
+    An explicit ``sep`` wins (``"\\t"`` and ``"tab"`` mean a tab); else ``.tsv``/``.tab`` files are
+    tab-separated and ``.csv`` files comma-separated; any other name is decided by its header line:
+    tabs and no comma mean tab, commas and no tab mean comma, anything else is an error asking for
+    ``sep`` (a guess there would silently read one column).
+    """
     if sep is not None:
         return "\t" if sep in ("\\t", "tab") else sep
-    return "," if Path(path).suffix.lower() == ".csv" else "\t"
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".tsv", ".tab"):
+        return "\t"
+    if suffix == ".csv":
+        return ","
+    with open(path, encoding="utf-8") as f:
+        header = f.readline().rstrip("\r\n")
+    tabs, commas = header.count("\t"), header.count(",")
+    if tabs and not commas:
+        return "\t"
+    if commas and not tabs:
+        return ","
+    raise DataError(f"{path}: cannot tell the separator from the header line {header[:80]!r} "
+                    f"({tabs} tabs, {commas} commas); name the file .tsv or .csv, or give sep")
+
+
+def read_table(path: PathLike, columns: Sequence[str], sep: Optional[str] = None) -> List[TableRow]:
+    """Rows of a header-first CSV/TSV (separator by :func:`table_separator`) that has ``columns``.
+
+    Tab files are read without quote handling (captions often hold an unbalanced ``"``); other
+    separators follow the CSV quoting rules, so ``"hello, world"`` is one field. Every error names
+    the file, and the line where there is one.
+    """
+    path = Path(path)
+    sep = table_separator(path, sep)
+    quoting = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f, delimiter=sep, quoting=quoting)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise DataError(f"{path}: empty file, expected a header row") from None
+        except csv.Error as e:
+            raise DataError(f"{path}:1: malformed header: {e}") from None
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise DataError(f"{path}: header {header} lacks column(s) {missing} (sep={sep!r})")
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                raise DataError(f"{path}:{reader.line_num}: malformed row: {e}") from None
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise DataError(f"{path}:{reader.line_num}: malformed row with {len(row)} fields, "
+                                f"header has {len(header)}: {row[:4]}")
+            rows.append(TableRow(dict(zip(header, row)), f"{path}:{reader.line_num}"))
+    if not rows:
+        raise DataError(f"{path}: no rows after the header")
+    return rows
 
 
 def read_csv_records(
@@ -50,41 +123,9 @@ def read_csv_records(
 ) -> List[CaptionRecord]:
     """Read a header-first CSV/TSV; paths are relative to the file's folder (or ``image_root``)."""
     path = Path(path)
-    sep = guess_separator(path, sep)
     root = Path(image_root) if image_root is not None else path.parent
-    # Tab files are read without quote handling: captions often hold unbalanced '"'.
-    quoting = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL
-    records = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter=sep, quoting=quoting)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise DataError(f"{path}: empty file, expected a header row") from None
-        except csv.Error as e:
-            raise DataError(f"{path}:1: malformed header: {e}") from None
-        for key in (img_key, caption_key):
-            if key not in header:
-                raise DataError(f"{path}: no column {key!r} in header {header} (sep={sep!r})")
-        i_img, i_cap = header.index(img_key), header.index(caption_key)
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as e:
-                raise DataError(f"{path}:{reader.line_num}: malformed row: {e}") from None
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise DataError(
-                    f"{path}:{reader.line_num}: malformed row with {len(row)} fields, "
-                    f"header has {len(header)}: {row[:4]}"
-                )
-            records.append(
-                CaptionRecord(_resolve(root, row[i_img]), row[i_cap], f"{path}:{reader.line_num}")
-            )
-    return records
+    return [CaptionRecord(resolve_path(root, row.values[img_key]), row.values[caption_key], row.source)
+            for row in read_table(path, (img_key, caption_key), sep)]
 
 
 def coco_image_root(json_path: Path) -> Path:
@@ -98,7 +139,7 @@ def coco_image_root(json_path: Path) -> Path:
 
 
 def read_coco_records(path: PathLike, image_root: Optional[PathLike] = None) -> List[CaptionRecord]:
-    """One record per caption, ordered by annotation order."""
+    """One record per caption (stripped of surrounding white space), in annotation order."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -117,7 +158,8 @@ def read_coco_records(path: PathLike, image_root: Optional[PathLike] = None) -> 
     for i, ann in enumerate(data["annotations"]):
         if ann.get("image_id") not in files or "caption" not in ann:
             raise DataError(f"{path}: annotations[{i}] has an unknown image_id or no caption")
-        records.append(CaptionRecord(root / files[ann["image_id"]], ann["caption"], f"{path}:annotations[{i}]"))
+        records.append(CaptionRecord(root / files[ann["image_id"]], str(ann["caption"]).strip(),
+                                     f"{path}:annotations[{i}]"))
     return records
 
 
@@ -141,8 +183,34 @@ def read_jsonl_records(
                 raise DataError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
             if not isinstance(obj, dict) or img_key not in obj or caption_key not in obj:
                 raise DataError(f"{path}:{lineno}: expected an object with {img_key!r} and {caption_key!r}")
-            records.append(CaptionRecord(_resolve(root, str(obj[img_key])), str(obj[caption_key]), f"{path}:{lineno}"))
+            records.append(CaptionRecord(resolve_path(root, str(obj[img_key])), str(obj[caption_key]),
+                                         f"{path}:{lineno}"))
     return records
+
+
+def read_caption_file(
+    path: PathLike,
+    kind: str = "auto",
+    img_key: str = "filepath",
+    caption_key: str = "title",
+    sep: Optional[str] = None,
+    image_root: Optional[PathLike] = None,
+) -> List[CaptionRecord]:
+    """(image, caption) records of a caption file of ``kind`` (one of ``CAPTION_KINDS``).
+
+    ``auto`` goes by the suffix: ``.json`` COCO, ``.jsonl`` JSON lines, anything else a table.
+    ``img_key``/``caption_key``/``sep`` are the table's columns and separator; JSON lines use
+    their own ``image``/``caption`` keys.
+    """
+    if kind not in CAPTION_KINDS:
+        raise ValueError(f"unknown caption file kind {kind!r}; expected one of {CAPTION_KINDS}")
+    if kind == "auto":
+        kind = _KIND_BY_SUFFIX.get(Path(path).suffix.lower(), "csv")
+    if kind == "coco":
+        return read_coco_records(path, image_root)
+    if kind == "jsonl":
+        return read_jsonl_records(path, image_root)
+    return read_csv_records(path, img_key, caption_key, sep, image_root)
 
 
 class CaptionDataset(Dataset):
@@ -166,7 +234,7 @@ class CaptionDataset(Dataset):
         if not rec.caption or not rec.caption.strip():
             return self._broken(rec, "EmptyCaption: empty caption")
         try:
-            image = self.transform(load_pil_image(rec.path))
+            image = self.transform(load_image(rec.path))
         except Exception as e:  # any decode/transform failure makes just this sample unusable
             return self._broken(rec, describe_exception(e))
         return image, self.tokenize([rec.caption])[0]
@@ -216,20 +284,37 @@ class CaptionGroups:
 
 
 class ImageListDataset(Dataset):
-    """Transformed images by index. Evaluation must be exact, so a broken image raises."""
+    """``transform(image)`` by index, or ``(transform(image), target)`` when ``targets`` are given.
 
-    def __init__(self, paths: Sequence[PathLike], transform: Transform):
-        self.paths = [Path(p) for p in paths]
+    The base of every evaluation dataset. Evaluation must be exact, so a broken image raises
+    (an :class:`~clipforge.transforms.ImageLoadError` naming the file) instead of being skipped.
+    Without a ``transform`` items hold the PIL image itself.
+    """
+
+    def __init__(self, paths: Sequence[PathLike], transform: Optional[Transform] = None,
+                 targets: Optional[Sequence[Any]] = None):
         self.transform = transform
+        self.paths = [Path(p) for p in paths]
+        if targets is not None and len(targets) != len(self.paths):
+            raise ValueError(f"{len(targets)} targets for {len(self.paths)} images")
+        self.targets = None if targets is None else list(targets)
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, idx: int) -> Tensor:
-        try:
-            return self.transform(load_pil_image(self.paths[idx]))
-        except Exception as e:
-            raise DataError(f"cannot load evaluation image {self.paths[idx]}: {describe_exception(e)}") from e
+    def __getitem__(self, idx: int):
+        image = load_image(self.paths[idx])
+        if self.transform is not None:
+            image = self.transform(image)
+        return image if self.targets is None else (image, self.targets[idx])
+
+    def _pairs(self) -> List[Tuple[Path, Any]]:
+        return list(zip(self.paths, self.targets or [None] * len(self.paths)))
+
+    def _set_pairs(self, pairs: Sequence[Tuple[PathLike, Any]]) -> None:
+        pairs = list(pairs)
+        self.paths = [Path(p) for p, _ in pairs]
+        self.targets = [t for _, t in pairs]
 
 
 def csv_dataset(path: PathLike, transform: Transform, tokenize: Tokenize, img_key: str = "filepath",

@@ -13,8 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .captions import (CaptionGroups, CaptionRecord, CaptionDataset, read_coco_records, read_csv_records,
-                       read_jsonl_records)
+from .captions import CaptionDataset, CaptionGroups, CaptionRecord, read_caption_file
 from .robust import Batch, SkipStats, collate_skipping
 from .sampler import ResumableDistributedSampler
 from .synthetic import RandomCaptionDataset, ShapesConfig, ShapesDataset, make_shapes_splits
@@ -25,23 +24,42 @@ KINDS = ("csv", "coco", "jsonl", "webdataset", "synthetic", "shapes")
 
 @dataclass
 class DataConfig:
-    kind: str = "csv"  # one of KINDS
-    train_data: Optional[str] = None  # file path, or shard urls ("a/{0..9}.tar::pipe:cat b.tar")
-    image_root: Optional[str] = None  # default: the caption file's folder (COCO: its image folder)
+    """Where the training data comes from and how broken samples are treated."""
+
+    kind: str = "csv"
+    """one of csv | coco | jsonl | webdataset | synthetic | shapes"""
+    train_data: Optional[str] = None
+    """caption file path, or WebDataset shard urls ("a/{0..9}.tar::pipe:cat b.tar")"""
+    image_root: Optional[str] = None
+    """folder image paths are relative to; default: the caption file's folder (COCO: its image folder)"""
     img_key: str = "filepath"
+    """column (csv/jsonl) holding the image path"""
     caption_key: str = "title"
-    sep: Optional[str] = None  # default: "," for .csv, tab otherwise
-    num_samples: Optional[int] = None  # webdataset epoch size (default: sizes.json); shapes/synthetic count
-    resampled: bool = False  # webdataset: draw shards with replacement
-    upsampling_factors: Optional[str] = None  # webdataset, resampled: "1::2" weights per source
+    """column (csv/jsonl) holding the caption"""
+    sep: Optional[str] = None
+    """column separator; default: tab for .tsv/.tab, comma for .csv, else told by the header line"""
+    num_samples: Optional[int] = None
+    """samples per epoch: WebDataset epoch size (default: sizes.json); shapes/synthetic count"""
+    resampled: bool = False
+    """webdataset: draw shards with replacement"""
+    upsampling_factors: Optional[str] = None
+    """webdataset, resampled: "1::2" weights per source"""
     shuffle_buffer: int = 1000
+    """webdataset: samples held in the shuffle buffer"""
     drop_last: bool = True
+    """drop each epoch's ragged last batch"""
     max_bad_fraction: float = 0.1
-    min_seen: int = 100  # samples seen before max_bad_fraction is enforced
-    image_size: int = 224  # synthetic random tensors
+    """stop when more than this fraction of samples is broken (missing/unreadable images)"""
+    min_seen: int = 100
+    """samples seen before max_bad_fraction is enforced"""
+    image_size: int = 224
+    """synthetic: side of the random image tensors"""
     context_length: int = 77
+    """synthetic: length of the random token rows"""
     vocab_size: int = 49408
+    """synthetic: token ids are drawn below this"""
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
+    """shapes: the generated coloured-shape data"""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -51,14 +69,11 @@ class DataConfig:
 
 
 def read_records(cfg: DataConfig) -> List[CaptionRecord]:
+    """The caption records of csv/coco/jsonl data."""
+    if cfg.kind not in ("csv", "coco", "jsonl"):
+        raise ValueError(f"data kind {cfg.kind!r} has no caption records")
     assert cfg.train_data is not None
-    if cfg.kind == "csv":
-        return read_csv_records(cfg.train_data, cfg.img_key, cfg.caption_key, cfg.sep, cfg.image_root)
-    if cfg.kind == "coco":
-        return read_coco_records(cfg.train_data, cfg.image_root)
-    if cfg.kind == "jsonl":
-        return read_jsonl_records(cfg.train_data, cfg.image_root)
-    raise ValueError(f"data kind {cfg.kind!r} has no caption records")
+    return read_caption_file(cfg.train_data, cfg.kind, cfg.img_key, cfg.caption_key, cfg.sep, cfg.image_root)
 
 
 def build_dataset(cfg: DataConfig, transform: Callable, tokenize: Callable) -> Dataset:

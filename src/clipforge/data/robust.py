@@ -15,9 +15,11 @@ from typing import Any, List, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
+from ..transforms import ImageLoadError
 
-class DataError(RuntimeError):
-    """Raised when data is malformed or too much of it is unreadable."""
+
+class DataError(ValueError):
+    """Raised when data is malformed (the message names the file and line) or too much of it is unreadable."""
 
 
 class BrokenSample(NamedTuple):
@@ -106,19 +108,12 @@ class SkipStats:
 
 
 def describe_exception(exc: BaseException) -> str:
-    """A short reason string ``Category: message`` used as the skip reason."""
+    """A short reason string ``Category: message`` used as the skip reason.
+
+    An image that failed to load is categorised by why it failed (``FileNotFoundError``,
+    ``UnidentifiedImageError``, ...), not by the :class:`ImageLoadError` wrapped around that.
+    """
+    if isinstance(exc, ImageLoadError) and exc.__cause__ is not None:
+        exc = exc.__cause__
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {msg}"[:300]
-
-
-def load_pil_image(path_or_bytes: Any, mode: str = "RGB") -> Any:
-    """Open and fully decode an image so truncation errors surface here, not in the transform."""
-    import io
-
-    from PIL import Image
-
-    src = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, (bytes, bytearray)) else path_or_bytes
-    with Image.open(src) as im:
-        im.load()
-        return im.convert(mode) if mode and im.mode != mode else im.copy()
-

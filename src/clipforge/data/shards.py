@@ -1,4 +1,7 @@
-"""Write WebDataset tar shards (plus ``sizes.json``) from caption files or (image, caption) pairs.
+"""Write WebDataset tar shards (plus ``sizes.json``) from caption records or (image, caption) pairs.
+
+``write_shards(read_caption_file(path), out_dir)`` shards a CSV/TSV, COCO or JSONL caption file
+(``clipforge shards`` does just that, then prints the result).
 
 Image bytes are copied verbatim: re-encoding would lose quality and make round trips inexact.
 Tar members get fixed metadata (mtime 0, uid 0) so the same input gives byte-identical shards.
@@ -12,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, List, Optional, Tuple, Union
 
-from .captions import CaptionRecord, read_coco_records, read_csv_records, read_jsonl_records
+from .captions import CaptionRecord
 from .robust import BrokenSample, describe_exception
 
 ImageSource = Union[str, Path, bytes]
@@ -110,33 +113,3 @@ def write_shards(
     (out / "sizes.json").write_text(json.dumps(res.sizes, indent=1) + "\n")
     return res
 
-
-def shards_main(
-    input_path: str,
-    out_dir: str,
-    kind: str = "auto",
-    img_key: str = "filepath",
-    caption_key: str = "title",
-    sep: Optional[str] = None,
-    image_root: Optional[str] = None,
-    max_count_per_shard: int = 10000,
-    prefix: str = "shard",
-) -> ShardWriteResult:
-    """Entry point for ``clipforge shards``: ``kind`` is csv, tsv, coco, jsonl or auto (by suffix)."""
-    p = Path(input_path)
-    if kind == "auto":
-        kind = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".json": "coco"}.get(p.suffix.lower(), "csv")
-    if kind in ("csv", "tsv"):
-        records = read_csv_records(p, img_key, caption_key, sep, image_root)
-    elif kind == "jsonl":
-        records = read_jsonl_records(p, image_root)
-    elif kind == "coco":
-        records = read_coco_records(p, image_root)
-    else:
-        raise ValueError(f"unknown input kind {kind!r} (csv, tsv, coco, jsonl, auto)")
-    res = write_shards(records, out_dir, max_count_per_shard, prefix)
-    print(f"wrote {res.n_written} samples in {len(res.shard_paths)} shards to {out_dir} "
-          f"({len(res.skipped)} skipped); train_data: {res.url_pattern}")
-    for s in res.skipped[:5]:
-        print(f"  skipped {s.path}: {s.reason}")
-    return res

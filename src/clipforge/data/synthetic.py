@@ -86,12 +86,18 @@ def render_shape(shape: str, color: str, size: str, position: str, background: s
 
 @dataclass
 class ShapesConfig:
+    """Generated coloured-shape images with captions (the demo's data; no download)."""
+
     image_size: int = 64
+    """side of the rendered images"""
     shapes: Tuple[str, ...] = SHAPES
+    """shape names drawn"""
     colors: Tuple[str, ...] = tuple(COLORS)
-    # (shape, colour) pairs never shown in training; None picks one colour per shape, spread out.
+    """colour names drawn"""
     heldout_pairs: Optional[Sequence[Tuple[str, str]]] = None
+    """(shape, colour) pairs never shown in training; null picks one colour per shape, spread out"""
     seed: int = 0
+    """seed of the generator"""
 
     def class_names(self) -> List[str]:
         """Class = shape + colour; label = shape_index * n_colors + colour_index."""

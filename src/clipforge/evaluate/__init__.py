@@ -4,7 +4,7 @@ from .datasets import (CaptionedImages, LabeledImages, captions_collate, caption
 from .linear_probe import evaluate_linear_probe, fit_logistic_regression, linear_probe
 from .metrics import classification_metrics, mean_per_class_recall, retrieval_metrics, topk_accuracy
 from .retrieval import evaluate_retrieval, retrieval_embeddings
-from .runner import classify_command, eval_command, run_eval
+from .runner import run_eval
 from .templates import get_classnames, get_templates
 from .zero_shot import build_zero_shot_classifier, classify_images, evaluate_zero_shot, zero_shot_classify
 
@@ -14,7 +14,7 @@ __all__ = [
     "evaluate_linear_probe", "fit_logistic_regression", "linear_probe",
     "classification_metrics", "mean_per_class_recall", "retrieval_metrics", "topk_accuracy",
     "evaluate_retrieval", "retrieval_embeddings",
-    "classify_command", "eval_command", "run_eval",
+    "run_eval",
     "get_classnames", "get_templates",
     "build_zero_shot_classifier", "classify_images", "evaluate_zero_shot", "zero_shot_classify",
 ]

@@ -1,67 +1,54 @@
 """Evaluation datasets: labelled images for classification, images with several captions for retrieval.
 
-Kept apart from ``clipforge.data`` (training pipelines) on purpose: evaluation needs a fixed order,
-every caption of an image together, and class names/templates travelling with the data.
+Built on ``clipforge.data``'s readers and image datasets (one CSV/COCO reader, one image opener), with
+what evaluation adds: a fixed order, every caption of an image together, and class names/templates
+travelling with the data.
 Classification items are ``(image, label)``; retrieval items are ``(image, [captions])`` and need
 ``captions_collate`` in the DataLoader.
 """
 from __future__ import annotations
 
-import csv
-import json
-import os
+import functools
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
-from PIL import Image
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import default_collate
+
+from ..data.captions import (CaptionGroups, ImageListDataset, read_coco_records, read_csv_records, read_table,
+                             resolve_path)
+from ..transforms import load_image
 
 PathLike = Union[str, Path]
 TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe")
 
 
-def _load_rgb(path: PathLike) -> Image.Image:
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, ValueError) as err:
-        raise OSError(f"cannot read image {path}: {err}") from err
-
-
-class LabeledImages(Dataset):
+class LabeledImages(ImageListDataset):
     """``(transform(image), label)`` from ``(path, label)`` pairs; carries ``classnames`` and ``templates``."""
+
+    # The (path, label) pairs; assigning a list selects other samples (as with torchvision's ImageFolder).
+    samples = property(ImageListDataset._pairs, ImageListDataset._set_pairs)
 
     def __init__(self, samples: Sequence[Tuple[PathLike, int]], classnames: Optional[List[str]],
                  transform: Optional[Callable] = None, templates: Optional[List[str]] = None):
-        self.samples = list(samples)
+        samples = list(samples)
+        super().__init__([p for p, _ in samples], transform, [y for _, y in samples])
         self.classnames = classnames
         self.templates = templates
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        path, label = self.samples[i]
-        img = _load_rgb(path)
-        return (self.transform(img) if self.transform else img), label
 
 
-class CaptionedImages(Dataset):
+class CaptionedImages(ImageListDataset):
     """``(transform(image), [captions])`` from ``(path, captions)`` pairs, in the given image order."""
 
+    items = property(ImageListDataset._pairs, ImageListDataset._set_pairs)  # the (path, captions) pairs
+
     def __init__(self, items: Sequence[Tuple[PathLike, List[str]]], transform: Optional[Callable] = None):
-        self.items = list(items)
-        self.transform = transform
+        items = list(items)
+        super().__init__([p for p, _ in items], transform, [list(caps) for _, caps in items])
         self.classnames = self.templates = None
 
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        path, captions = self.items[i]
-        img = _load_rgb(path)
-        return (self.transform(img) if self.transform else img), list(captions)
+    @classmethod
+    def from_groups(cls, groups: CaptionGroups, transform: Optional[Callable] = None) -> "CaptionedImages":
+        return cls(list(zip(groups.image_paths, groups.captions)), transform)
 
 
 def captions_collate(batch):
@@ -79,34 +66,16 @@ def image_folder(root: PathLike, transform: Optional[Callable] = None) -> Labele
     return LabeledImages(folder.samples, classnames, transform)
 
 
-def _read_table(path: PathLike, delimiter: Optional[str], columns: Sequence[str]) -> List[Dict[str, str]]:
-    """Rows of a CSV/TSV with a header line; tab for ``.tsv``, comma otherwise, unless given."""
-    path = Path(path)
-    delimiter = delimiter or ("\t" if path.suffix.lower() == ".tsv" else ",")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        missing = [c for c in columns if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: header {reader.fieldnames} lacks column(s) {missing}")
-        rows = list(reader)
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    return rows
-
-
-def _resolve(base: Path, rel: str) -> Path:
-    return Path(rel) if os.path.isabs(rel) else base / rel
-
-
 def labels_table(path: PathLike, transform: Optional[Callable] = None, classnames: Optional[List[str]] = None,
-                 delimiter: Optional[str] = None, path_column: str = "filepath",
+                 sep: Optional[str] = None, path_column: str = "filepath",
                  label_column: str = "label") -> LabeledImages:
-    """CSV/TSV of ``filepath,label`` (paths relative to the table's folder).
+    """CSV/TSV of ``filepath,label`` (paths relative to the table's folder; separator by
+    :func:`clipforge.data.table_separator`).
 
     Labels are class indices when every label is an integer (then pass ``classnames`` for zero-shot),
     otherwise class names, numbered in sorted order unless ``classnames`` fixes the order.
     """
-    rows = _read_table(path, delimiter, (path_column, label_column))
+    rows = [row.values for row in read_table(path, (path_column, label_column), sep)]
     base = Path(path).parent
     raw = [r[label_column].strip() for r in rows]
     if all(v.lstrip("-").isdigit() for v in raw):
@@ -120,45 +89,28 @@ def labels_table(path: PathLike, transform: Optional[Callable] = None, classname
         if unknown:
             raise ValueError(f"{path}: labels not among the class names: {unknown[:5]}")
         labels = [index[v] for v in raw]
-    samples = [(_resolve(base, r[path_column]), y) for r, y in zip(rows, labels)]
+    samples = [(resolve_path(base, r[path_column]), y) for r, y in zip(rows, labels)]
     return LabeledImages(samples, classnames, transform)
 
 
-def captions_table(path: PathLike, transform: Optional[Callable] = None, delimiter: Optional[str] = None,
+def captions_table(path: PathLike, transform: Optional[Callable] = None, sep: Optional[str] = None,
                    path_column: str = "filepath", caption_column: str = "caption") -> CaptionedImages:
     """CSV/TSV of ``filepath<TAB>caption``, one row per caption, grouped by image in first-seen order."""
-    rows = _read_table(path, delimiter, (path_column, caption_column))
-    grouped: Dict[str, List[str]] = {}
-    for r in rows:
-        grouped.setdefault(r[path_column], []).append(r[caption_column])
-    base = Path(path).parent
-    return CaptionedImages([(_resolve(base, p), caps) for p, caps in grouped.items()], transform)
+    records = read_csv_records(path, path_column, caption_column, sep)
+    return CaptionedImages.from_groups(CaptionGroups.from_records(records), transform)
 
 
 def coco_captions(annotation_file: PathLike, image_root: Optional[PathLike] = None,
                   transform: Optional[Callable] = None) -> CaptionedImages:
-    """COCO captions JSON; images without captions are dropped, order follows ``images``.
+    """COCO captions JSON, grouped by image in first-caption order; images without captions are dropped.
 
-    ``image_root`` defaults to the JSON's folder, else its ``val2017``-style sibling named by the file.
+    ``image_root`` defaults to the folder named by the file (``captions_val2017.json`` → ``val2017/``
+    beside it or beside its folder), else the JSON's folder; see :func:`clipforge.data.read_coco_records`.
     """
-    annotation_file = Path(annotation_file)
-    with open(annotation_file, encoding="utf-8") as f:
-        coco = json.load(f)
-    caps: Dict[int, List[str]] = {}
-    for ann in coco["annotations"]:
-        caps.setdefault(ann["image_id"], []).append(ann["caption"].strip())
-    root = Path(image_root) if image_root is not None else _coco_image_root(annotation_file)
-    items = [(root / img["file_name"], caps[img["id"]]) for img in coco["images"] if img["id"] in caps]
-    if not items:
+    groups = CaptionGroups.from_records(read_coco_records(annotation_file, image_root))
+    if not len(groups):
         raise ValueError(f"{annotation_file}: no image has a caption")
-    return CaptionedImages(items, transform)
-
-
-def _coco_image_root(annotation_file: Path) -> Path:
-    """COCO's own layout names the image folder in the file name: captions_val2017.json → val2017/."""
-    split = annotation_file.stem.rsplit("_", 1)[-1]
-    candidate = annotation_file.parent / split
-    return candidate if candidate.is_dir() else annotation_file.parent
+    return CaptionedImages.from_groups(groups, transform)
 
 
 def is_wds_root(root: PathLike, split: str = "test") -> bool:
@@ -182,16 +134,34 @@ def wds_dataset(root: PathLike, transform: Optional[Callable] = None, split: str
     shards = [str(root / split / f"{i}.tar") for i in range(nshards)]
     kind_file = root / "dataset_type.txt"
     retrieval = kind_file.is_file() and kind_file.read_text().strip().lower() == "retrieval"
-    transform = transform or (lambda x: x)
-    ds = wds.WebDataset(shards, shardshuffle=False, nodesplitter=lambda src: src, empty_check=False).decode("pil")
+    # Raw bytes in, decoded here: images by clipforge's opener, exactly as the other layouts read them.
+    ds = wds.WebDataset(shards, shardshuffle=False, nodesplitter=_all_shards, empty_check=False)
+    image = functools.partial(_wds_image, transform=transform)
     if retrieval:
-        ds = ds.to_tuple("webp;png;jpg;jpeg", "txt").map_tuple(transform, str.splitlines)
+        ds = ds.to_tuple("webp;png;jpg;jpeg", "txt").map_tuple(image, _wds_captions)
     else:
-        ds = ds.to_tuple("webp;png;jpg;jpeg", "cls").map_tuple(transform, int)
+        ds = ds.to_tuple("webp;png;jpg;jpeg", "cls").map_tuple(image, _wds_label)
     ds.retrieval = retrieval
     ds.classnames = _read_lines(root / "classnames.txt")
     ds.templates = _read_lines(root / "zeroshot_classification_templates.txt")
     return ds
+
+
+def _all_shards(urls):
+    return urls  # every process reads every shard: evaluation sees the whole set in order
+
+
+def _wds_image(data: bytes, transform: Optional[Callable] = None):
+    image = load_image(data)
+    return transform(image) if transform is not None else image
+
+
+def _wds_captions(data: bytes) -> List[str]:
+    return data.decode("utf-8").splitlines()
+
+
+def _wds_label(data: bytes) -> int:
+    return int(data.decode("utf-8"))
 
 
 def _read_lines(path: Path) -> Optional[List[str]]:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .features import Device, image_features
-from .metrics import mean_per_class_recall, topk_accuracy
+from .metrics import classification_metrics
 
 WEIGHT_DECAYS = tuple(np.logspace(-6, 2, num=97).tolist())
 
@@ -80,20 +80,15 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     if weight_decay is None:
         weight_decay = select_weight_decay(train_x, train_y, num_classes, val_fraction, seed)
     model = fit_logistic_regression(train_x, train_y, num_classes, weight_decay)
-    logits = model(test_x.double()).float()
-    if num_classes >= 5:
-        acc1, acc5 = topk_accuracy(logits, test_y, (1, 5))
-    else:
-        (acc1,), acc5 = topk_accuracy(logits, test_y, (1,)), float("nan")
-    return {"lp_acc1": acc1, "lp_acc5": acc5,
-            "lp_mean_per_class_recall": mean_per_class_recall(logits.argmax(dim=1), test_y),
+    metrics = classification_metrics(model(test_x.double()).float(), test_y, num_classes)
+    return {**{f"lp_{name}": value for name, value in metrics.items()},
             "weight_decay": weight_decay, "seed": seed, "normalized": True}
 
 
 def evaluate_linear_probe(model: torch.nn.Module, train_loader: Iterable, test_loader: Iterable,
                           num_classes: Optional[int] = None, device: Optional[Device] = None,
-                          amp: bool = False, seed: int = 0, use_tqdm: bool = True) -> Dict[str, float]:
+                          precision: str = "fp32", seed: int = 0, use_tqdm: bool = True) -> Dict[str, float]:
     """Extract normalised image features of both loaders, then :func:`linear_probe`."""
-    train_x, train_y = image_features(model, train_loader, device, amp, use_tqdm=use_tqdm)
-    test_x, test_y = image_features(model, test_loader, device, amp, use_tqdm=use_tqdm)
+    train_x, train_y = image_features(model, train_loader, device, precision, use_tqdm=use_tqdm)
+    test_x, test_y = image_features(model, test_loader, device, precision, use_tqdm=use_tqdm)
     return linear_probe(train_x, train_y, test_x, test_y, num_classes, seed=seed)

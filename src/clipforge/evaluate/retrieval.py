@@ -14,7 +14,7 @@ def retrieval_embeddings(
     tokenizer,
     loader: Iterable,
     device: Optional[Device] = None,
-    amp: bool = False,
+    precision: str = "fp32",
     use_tqdm: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(image_emb [N_img, D], text_emb [N_text, D], text_to_image [N_text]), normalised, on CPU.
@@ -24,13 +24,13 @@ def retrieval_embeddings(
     dev = model_device(model, device)
     images, texts, owner = [], [], []
     n_seen = 0
-    for feats, captions in iter_image_features(model, loader, dev, amp, use_tqdm=use_tqdm, desc="retrieval"):
+    for feats, captions in iter_image_features(model, loader, dev, precision, use_tqdm=use_tqdm, desc="retrieval"):
         if len(captions) != len(feats):
             raise ValueError(f"a batch has {len(feats)} images but {len(captions)} caption lists; "
                              "use clipforge.evaluate.datasets.captions_collate")
         flat = [c for caps in captions for c in caps]
         if flat:
-            texts.append(text_features(model, tokenizer, flat, dev, amp, batch_size=len(flat)))
+            texts.append(text_features(model, tokenizer, flat, dev, precision, batch_size=len(flat)))
         owner.extend(n_seen + i for i, caps in enumerate(captions) for _ in caps)
         images.append(feats)
         n_seen += len(feats)
@@ -45,10 +45,10 @@ def evaluate_retrieval(
     dataloader: Iterable,
     recall_k: Sequence[int] = (1, 5, 10),
     device: Optional[Device] = None,
-    amp: bool = False,
+    precision: str = "fp32",
     use_tqdm: bool = True,
 ) -> Dict[str, float]:
     """clip_benchmark's retrieval metrics (``image_retrieval_recall@k``, ``text_retrieval_recall@k``)
     plus mean/median ranks; see :func:`clipforge.evaluate.metrics.retrieval_metrics`."""
-    image_emb, text_emb, owner = retrieval_embeddings(model, tokenizer, dataloader, device, amp, use_tqdm)
+    image_emb, text_emb, owner = retrieval_embeddings(model, tokenizer, dataloader, device, precision, use_tqdm)
     return retrieval_metrics(image_emb, text_emb, owner, recall_k)

@@ -1,6 +1,7 @@
 """One evaluation run → a result dict in clip_benchmark's JSON shape, optionally written to a file.
 
-``run_eval`` takes a built model; ``eval_command`` and ``classify_command`` load one by name for the CLI.
+``run_eval`` takes a built model (``clip_benchmark_loader.load_clipforge`` loads one by name, as
+``clipforge eval`` does) and returns the result; it prints nothing.
 """
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 from torch.utils.data import DataLoader
 
+from ..precision import amp_precision
 from .datasets import TASKS, captions_collate, open_eval_dataset
+from .features import model_device
 from .linear_probe import evaluate_linear_probe
 from .retrieval import evaluate_retrieval
 from .templates import DATASETS, Template, get_templates
-from .zero_shot import classify_images, evaluate_zero_shot
+from .zero_shot import evaluate_zero_shot
 
 PathLike = Union[str, Path]
 DEFAULT_OUTPUT = "{dataset}_{pretrained}_{model}_{language}_{task}.json"  # clip_benchmark's default
@@ -66,28 +69,30 @@ def run_eval(
 
     ``task`` is ``zeroshot_classification``, ``zeroshot_retrieval`` or ``linear_probe`` (which reads
     ``train_split`` of the same dataset for training). ``output`` may hold clip_benchmark's
-    placeholders ``{dataset} {model} {pretrained} {task} {language}``.
+    placeholders ``{dataset} {model} {pretrained} {task} {language}``. ``amp`` is clip_benchmark's
+    ``--amp``: autocast in :func:`clipforge.precision.amp_precision` (fp16 on CUDA, bf16 elsewhere).
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     name = dataset_name or Path(dataset).stem
+    precision = amp_precision(model_device(model, device)) if amp else "fp32"
     model.eval()
     retrieval = task == "zeroshot_retrieval"
     ds = open_eval_dataset(dataset, task, transform, split, image_root, classnames)
     loader = _loader(ds, batch_size, num_workers, retrieval)
     if retrieval:
-        metrics = evaluate_retrieval(model, tokenizer, loader, recall_k, device, amp, use_tqdm)
+        metrics = evaluate_retrieval(model, tokenizer, loader, recall_k, device, precision, use_tqdm)
     elif task == "zeroshot_classification":
         names = classnames or ds.classnames
         if not names:
             raise ValueError(f"{dataset} has no class names: pass classnames=[...]")
         metrics = evaluate_zero_shot(model, tokenizer, loader, names, resolve_templates(templates, ds, name),
-                                     device, amp, use_tqdm)
+                                     device, precision, use_tqdm)
     else:
         train_ds = open_eval_dataset(dataset, task, transform, train_split, image_root, classnames)
         num_classes = len(classnames or ds.classnames or []) or None
         metrics = evaluate_linear_probe(model, _loader(train_ds, batch_size, num_workers, False), loader,
-                                        num_classes, device, amp, use_tqdm=use_tqdm)
+                                        num_classes, device, precision, use_tqdm=use_tqdm)
     result = {"dataset": name, "model": model_name, "pretrained": pretrained, "task": task,
               "metrics": metrics, "language": language}
     if output is not None:
@@ -98,58 +103,3 @@ def run_eval(
         path.write_text(json.dumps(result))
     return result
 
-
-def eval_command(
-    *,
-    model: str,
-    dataset: str,
-    task: str = "zeroshot_classification",
-    pretrained: Optional[str] = None,
-    output: Optional[str] = DEFAULT_OUTPUT,
-    split: str = "test",
-    batch_size: int = 64,
-    num_workers: int = 0,
-    device: str = "cpu",
-    precision: str = "fp32",
-    amp: bool = False,
-    recall_k: Sequence[int] = (1, 5, 10),
-    templates: Optional[str] = None,
-    image_root: Optional[str] = None,
-) -> Dict[str, object]:
-    """``clipforge eval``: load ``model`` (+ ``pretrained`` file) with clipforge, then :func:`run_eval`."""
-    from .clip_benchmark_loader import load_clipforge
-
-    net, transform, tokenizer = load_clipforge(model, pretrained, device, precision=precision)
-    result = run_eval(task, net, tokenizer, transform, dataset, model_name=model, pretrained=pretrained or "",
-                      output=output, split=split, batch_size=batch_size, num_workers=num_workers, device=device,
-                      amp=amp, recall_k=recall_k, templates=templates, image_root=image_root)
-    for name, value in result["metrics"].items():
-        print(f"{name:>32}: {value:.4f}" if isinstance(value, float) else f"{name:>32}: {value}")
-    return result
-
-
-def classify_command(
-    images: Sequence[str],
-    *,
-    labels: str,
-    model: str = "ViT-B-32",
-    pretrained: Optional[str] = None,
-    top_k: int = 5,
-    template: str = "a photo of a {}.",
-    device: str = "cpu",
-    precision: str = "fp32",
-) -> List[Dict[str, object]]:
-    """``clipforge classify``: top-k of the comma-separated ``labels`` for each image, with probabilities."""
-    from .clip_benchmark_loader import load_clipforge
-
-    label_list = [label.strip() for label in labels.split(",") if label.strip()]
-    if not label_list:
-        raise ValueError("--labels must name at least one label, e.g. --labels 'cat,dog'")
-    net, transform, tokenizer = load_clipforge(model, pretrained, device, precision=precision)
-    net.eval()
-    results = classify_images(net, tokenizer, transform, list(images), label_list, top_k, (template,), device)
-    for row in results:
-        print(row["path"])
-        for label, prob in row["predictions"]:
-            print(f"  {prob:7.2%}  {label}")
-    return results

@@ -1,7 +1,7 @@
 """CLIP's text tower: token + positional embedding, a transformer, final LN, pooling, projection."""
 from __future__ import annotations
 
-from typing import List, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -49,22 +49,36 @@ class TextTransformer(nn.Module):
         elif self.text_projection is not None:
             nn.init.normal_(self.text_projection, std=proj_std)
 
-    def _trim(self, text: torch.Tensor) -> torch.Tensor:
-        """Drop trailing positions no pooled output can see.
+    def pooled_lengths(self, text: torch.Tensor) -> torch.Tensor:
+        """Per row, how many leading positions the pooled output depends on: [B] int64.
 
-        With a causal mask, position i only attends to positions <= i, so the EOT token's output
-        is unchanged when everything after the longest sequence's EOT is removed: exact, and far
-        cheaper for short prompts padded to 77 tokens.
+        clipforge's one end-of-text rule (``_trim`` and length bucketing in
+        ``clipforge.evaluate.features.text_lengths`` both use it). With a causal mask, position i
+        only attends to positions <= i, so a feature pooled at one token (the EOT for ``argmax``/
+        ``eos``, or the first) depends on nothing after it; other towers need the whole row.
         """
-        if not self.cfg.causal or self.cfg.pool_type not in ("argmax", "first", "eos") or text.numel() == 0:
-            return text
+        full = torch.full((text.shape[0],), text.shape[1], dtype=torch.long, device=text.device)
+        index = self._pool_index(text)
+        if not self.cfg.causal or self.cfg.output_tokens or index is None:
+            return full
+        return index + 1
+
+    def _pool_index(self, text: torch.Tensor) -> Optional[torch.Tensor]:
+        """[B] the position each row is pooled at, for pooling at one token; None otherwise."""
         if self.cfg.pool_type == "argmax":
-            last = int(text.argmax(dim=-1).max())
-        elif self.cfg.pool_type == "eos":
-            last = int((text == self.cfg.eos_id).int().argmax(dim=-1).max())
-        else:
-            last = 0
-        return text[:, : last + 1]
+            return text.argmax(dim=-1)
+        if self.cfg.pool_type == "eos":
+            return (text == self.cfg.eos_id).int().argmax(dim=-1)
+        if self.cfg.pool_type == "first":
+            return torch.zeros(text.shape[0], dtype=torch.long, device=text.device)
+        return None
+
+    def _trim(self, text: torch.Tensor) -> torch.Tensor:
+        """Drop trailing positions no pooled output can see: exact (see ``pooled_lengths``), and far
+        cheaper for short prompts padded to 77 tokens."""
+        if text.numel() == 0:
+            return text
+        return text[:, : int(self.pooled_lengths(text).max())]
 
     def forward_features(self, text: torch.Tensor) -> torch.Tensor:
         """Token features after ``ln_final``: [B, L', D] with L' <= context length (see ``_trim``)."""
@@ -81,15 +95,10 @@ class TextTransformer(nn.Module):
         return self.ln_final(x)
 
     def pool(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        kind = self.cfg.pool_type
-        rows = torch.arange(x.shape[0], device=x.device)
-        if kind == "argmax":
-            return x[rows, text.argmax(dim=-1)]
-        if kind == "eos":
-            return x[rows, (text == self.cfg.eos_id).int().argmax(dim=-1)]
-        if kind == "first":
-            return x[:, 0]
-        if kind == "last":
+        index = self._pool_index(text)
+        if index is not None:
+            return x[torch.arange(x.shape[0], device=x.device), index]  # [B, D]
+        if self.cfg.pool_type == "last":
             return x[:, -1]
         return x
 

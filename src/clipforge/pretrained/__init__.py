@@ -10,8 +10,7 @@ from .tags import _TAGS, HubFile, PretrainedTag, UrlFile
 
 __all__ = ["DEFAULT_URL_CACHE", "DownloadError", "HubFile", "add_pretrained_tag", "IntegrityError", "PretrainedTag", "UrlFile",
            "download_pretrained", "fetch_hub_file", "fetch_url", "get_pretrained_cfg", "is_pretrained_tag",
-           "list_pretrained", "list_pretrained_tags_by_model", "model_rows", "models_main", "pretrained_main",
-           "pretrained_rows"]
+           "list_pretrained", "list_pretrained_tags_by_model", "model_rows", "pretrained_rows"]
 
 
 def _registry() -> Dict[str, Dict[str, PretrainedTag]]:
@@ -82,17 +81,3 @@ def model_rows() -> List[Tuple[str, int]]:
 
     reg = _registry()
     return [(m, len(reg.get(m, {}))) for m in list_models()]
-
-
-def pretrained_main(model: Optional[str] = None) -> int:
-    """List pretrained (model, tag) pairs: `create_model_and_transforms(model, pretrained=tag)`."""
-    for row in pretrained_rows(model):
-        print("\t".join(row))
-    return 0
-
-
-def models_main() -> int:
-    """List model architectures and how many pretrained tags each has."""
-    for name, count in model_rows():
-        print(f"{name}\t{count}")
-    return 0

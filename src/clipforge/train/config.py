@@ -1,52 +1,86 @@
-"""Typed training settings: small documented dataclasses, read from YAML with ``a.b=value`` overrides.
+"""Typed training settings: small documented dataclasses, read by jsonargparse from YAML and options.
 
 A run is fully described by one :class:`TrainConfig`; it is saved as ``config.yaml`` in the run
-folder and inside every checkpoint, so a resumed run rebuilds exactly what it was.
+folder and inside every checkpoint, so a resumed run rebuilds exactly what it was. jsonargparse
+(what litgpt uses) does the typing: one parser, :func:`config_parser`, reads a YAML file
+(``--config run.yaml``), ``--section.key value`` options on top of it and, as ``clipforge train``
+always has, ``section.key=value`` overrides; the attribute docstrings below are its help. What is
+ours is the error quality: an unknown key names its dotted path and the known keys, a mistyped value
+its path and the expected type, and a ``__post_init__`` check the section it failed in.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Namespace
 
+from ..atomic import write_text
 from ..data.loader import DataConfig
 from ..data.synthetic import ShapesConfig
+from ..precision import check_precision
 from ..transforms import AugmentationConfig
 
 SCHEDULES = ("cosine", "const", "const-cooldown")
-PRECISIONS = ("fp32", "bf16", "fp16")
+LOSSES = ("auto", "clip", "siglip")
 
 
 @dataclass
 class ModelSettings:
-    name: Optional[str] = "ViT-B-32"  # registered architecture, hf-hub:/local-dir: name, or a model JSON file
-    config: Optional[Dict[str, Any]] = None  # inline OpenCLIP-style model config; replaces `name`'s
-    pretrained: Optional[str] = None  # tag or checkpoint file to fine-tune from; None trains from scratch
-    grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
-    patch_dropout: Optional[float] = None  # FLIP-style token dropout while training; None keeps the config's
-    lock_image: bool = False  # LiT: freeze the image tower ...
-    lock_image_unlocked_groups: int = 0  # ... except its last N layer groups
+    """The model to train and what of it is trained."""
+
+    name: Optional[str] = "ViT-B-32"
+    """registered architecture, hf-hub:/local-dir: name, or a model JSON file"""
+    config: Optional[Dict[str, Any]] = None
+    """inline OpenCLIP-style model config; replaces name's"""
+    pretrained: Optional[str] = None
+    """tag or checkpoint file to fine-tune from; null trains from scratch"""
+    grad_checkpointing: bool = False
+    """recompute activations in backward: less memory, ~30% more compute"""
+    patch_dropout: Optional[float] = None
+    """FLIP-style image-token dropout while training (ViT towers); null keeps the model config's"""
+    lock_image: bool = False
+    """LiT: freeze the image tower ..."""
+    lock_image_unlocked_groups: int = 0
+    """... except its last N layer groups"""
     lock_text: bool = False
+    """freeze the text tower ..."""
     lock_text_unlocked_layers: int = 0
+    """... except its last N layers"""
 
 
 @dataclass
 class OptimSettings:
+    """AdamW and the learning-rate schedule (OpenCLIP's defaults)."""
+
     lr: float = 5e-4
-    weight_decay: float = 0.2  # matrices only: never biases, norms, embeddings or the logit scale/bias
+    """peak learning rate, reached after warmup"""
+    weight_decay: float = 0.2
+    """matrices only: never biases, norms, embeddings or the logit scale/bias"""
     beta1: float = 0.9
+    """AdamW beta1"""
     beta2: float = 0.98
+    """AdamW beta2"""
     eps: float = 1e-6
+    """AdamW epsilon"""
     warmup_steps: int = 1000
-    schedule: str = "cosine"  # one of SCHEDULES
-    cooldown_steps: int = 0  # const-cooldown: final steps decaying to lr_end
-    cooldown_power: float = 1.0  # 1: linear cooldown
+    """linear warmup from 0 to lr over this many optimizer steps"""
+    schedule: str = "cosine"
+    """cosine | const | const-cooldown"""
+    cooldown_steps: int = 0
+    """const-cooldown: final steps decaying to lr_end"""
+    cooldown_power: float = 1.0
+    """const-cooldown: shape of the decay; 1 is linear"""
     lr_end: float = 0.0
+    """learning rate at the end of the cooldown"""
     grad_clip_norm: Optional[float] = None
+    """clip the global gradient norm to this; null: no clipping"""
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -57,66 +91,113 @@ class OptimSettings:
 
 @dataclass
 class LossSettings:
-    kind: str = "clip"  # "clip" (InfoNCE) or "siglip" (sigmoid; the model needs init_logit_bias)
-    # Each rank scores its own rows against gathered features, with gradients through the gather:
-    # the same gradient as one big batch, with O(B_local * B_global) memory (OpenCLIP's recommended flags).
+    """The contrastive loss; by default the one the model was made for.
+
+    Each rank scores its own rows against gathered features, with gradients through the gather:
+    the same gradient as one big batch, with O(B_local * B_global) memory (OpenCLIP's recommended flags).
+    """
+
+    kind: str = "auto"
+    """auto: the loss follows the model (sigmoid for a model with a logit bias, i.e. SigLIP, else InfoNCE) | clip (InfoNCE) | siglip (sigmoid; the model needs init_logit_bias)"""
     local_loss: bool = True
+    """InfoNCE: score this rank's rows only, against the gathered features"""
     gather_with_grad: bool = True
-    chunk_size: Optional[int] = None  # memory-bounded exact InfoNCE in row blocks of this size
+    """InfoNCE: gradients flow through the feature gather"""
+    chunk_size: Optional[int] = None
+    """memory-bounded exact InfoNCE in row blocks of this size; null: one block"""
     siglip_dist_impl: str = "bidir"
+    """sigmoid loss across ranks: how features travel between them (OpenCLIP's dist_impl)"""
 
     def __post_init__(self) -> None:
-        if self.kind not in ("clip", "siglip"):
-            raise ValueError(f"loss.kind must be 'clip' or 'siglip', got {self.kind!r}")
+        if self.kind not in LOSSES:
+            raise ValueError(f"loss.kind must be one of {LOSSES}, got {self.kind!r}")
 
 
 @dataclass
 class ValSettings:
-    data: Optional[str] = None  # CSV/TSV, COCO captions JSON or JSONL with several captions per image
-    kind: str = "csv"  # csv | coco | jsonl
+    """Retrieval validation during training."""
+
+    data: Optional[str] = None
+    """CSV/TSV, COCO captions JSON or JSONL with several captions per image; null: no validation"""
+    kind: str = "csv"
+    """csv | coco | jsonl"""
     img_key: str = "filepath"
+    """csv: the image path column"""
     caption_key: str = "title"
+    """csv: the caption column"""
     batch_size: int = 256
+    """images per validation batch"""
     every_n_steps: Optional[int] = None
+    """validate every N optimizer steps; null: only by epochs"""
     every_n_epochs: Optional[int] = 1
+    """validate every N epochs; null: only by steps"""
     workers: int = 0
+    """data-loading processes for validation"""
 
 
 @dataclass
 class TrainConfig:
+    """Everything a training run does; saved as config.yaml in the run folder and in every checkpoint."""
+
     model: ModelSettings = field(default_factory=ModelSettings)
+    """the architecture, its starting weights and what of it is trained"""
     data: DataConfig = field(default_factory=lambda: DataConfig(kind="synthetic"))
+    """the training data"""
     aug: AugmentationConfig = field(default_factory=AugmentationConfig)
+    """train-time image augmentation (OpenCLIP's AugmentationCfg)"""
     optim: OptimSettings = field(default_factory=OptimSettings)
+    """AdamW and the learning-rate schedule"""
     loss: LossSettings = field(default_factory=LossSettings)
+    """the contrastive loss"""
     val: ValSettings = field(default_factory=ValSettings)
+    """retrieval validation during training"""
 
     epochs: int = 1
-    max_steps: Optional[int] = None  # stop after this many optimizer steps (the schedule ends here too)
-    batch_size: int = 64  # per rank and per micro-batch
-    accum_freq: int = 1  # GradCache: one optimizer step on accum_freq micro-batches = one batch that large
-    precision: str = "fp32"  # fp32 | bf16 (autocast, CPU or GPU) | fp16 (autocast + grad scaler, GPU)
-    device: str = "auto"  # auto: this rank's GPU if there is one, else CPU
-    distributed: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per residual block), used when WORLD_SIZE > 1
+    """passes over the training data"""
+    max_steps: Optional[int] = None
+    """stop after this many optimizer steps (the schedule ends here too)"""
+    batch_size: int = 64
+    """per rank and per micro-batch"""
+    accum_freq: int = 1
+    """GradCache: one optimizer step on accum_freq micro-batches = one batch that large"""
+    precision: str = "fp32"
+    """fp32 | bf16 (autocast, CPU or GPU) | fp16 (autocast + grad scaler, GPU)"""
+    device: str = "auto"
+    """auto: this rank's GPU if there is one, else CPU"""
+    distributed: str = "ddp"
+    """ddp | fsdp (FSDP2 fully_shard per residual block), used when WORLD_SIZE > 1"""
     seed: int = 0
-    workers: int = 2  # data-loading processes per rank
-    threads: Optional[int] = None  # torch intra-op threads per rank; None leaves torch's default
+    """seed of the initial weights, the data order and the augmentation"""
+    workers: int = 2
+    """data-loading processes per rank"""
+    threads: Optional[int] = None
+    """torch intra-op threads per rank; null leaves torch's default"""
 
     output_dir: str = "runs"
-    name: str = "train"  # the run folder is output_dir/name
-    resume: Optional[str] = None  # "latest" (this run's newest checkpoint) or a checkpoint path
+    """parent folder of run folders"""
+    name: str = "train"
+    """the run folder is output_dir/name"""
+    resume: Optional[str] = None
+    """latest (this run's newest checkpoint) or a checkpoint path"""
     save_every_n_steps: Optional[int] = None
+    """also checkpoint every N optimizer steps"""
     save_every_n_epochs: int = 1
-    keep_last: int = 2  # step checkpoints kept; epoch checkpoints and the final model are always kept
+    """checkpoint every N epochs"""
+    keep_last: int = 2
+    """step checkpoints kept; epoch checkpoints and the final model are always kept"""
     log_every_n_steps: int = 10
+    """metrics.jsonl row every N optimizer steps"""
     tensorboard: bool = False
+    """also log to TensorBoard in the run folder"""
     wandb: bool = False
+    """also log to Weights & Biases"""
     wandb_project: str = "clipforge"
+    """Weights & Biases project"""
     progress: bool = True
+    """show a progress bar"""
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        check_precision(self.precision)
         if self.distributed not in ("ddp", "fsdp"):
             raise ValueError(f"distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
         for name in ("epochs", "batch_size", "accum_freq", "keep_last", "log_every_n_steps"):
@@ -134,7 +215,15 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
-        return build_dataclass(cls, d, "config")
+        """A config from a nested dict (what :meth:`to_dict` wrote); missing keys take their defaults."""
+        given: Dict[str, Any] = {}
+        _check_keys(d, TrainConfig, "config", given)
+        parser = config_parser()
+        try:
+            ns = parser.parse_object(d)
+        except ArgumentError as e:
+            raise _typed_error(e, given) from None
+        return _build(TrainConfig, ns, "config")
 
 
 def _plain(obj: Any) -> Any:
@@ -146,113 +235,193 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def build_dataclass(cls: type, d: Dict[str, Any], where: str) -> Any:
-    """A dataclass from a nested dict; an unknown key fails naming its dotted path and the known ones."""
+def config_parser(prog: Optional[str] = None, description: Optional[str] = None) -> ArgumentParser:
+    """The jsonargparse parser of a :class:`TrainConfig`: ``--config FILE``, ``--section.key VALUE``, ``--print_config``.
+
+    Errors raise (``exit_on_error=False``); :func:`parse_config` turns them into ValueErrors naming the key.
+    """
+    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile,
+                        help="a YAML file of settings; options after it override it")
+    parser.add_class_arguments(TrainConfig, nested_key=None)
+    return parser
+
+
+_OVERRIDE = re.compile(r"([A-Za-z_][\w-]*(?:\.[A-Za-z_][\w-]*)*)=(.*)", re.DOTALL)
+_OPTION = re.compile(r"--([A-Za-z_][\w.-]*)(=.*)?", re.DOTALL)
+_FLAGS = ("print_config", "help")  # the parser's own options without a separate value
+
+
+def parse_config(args: Sequence[str], parser: Optional[ArgumentParser] = None) -> TrainConfig:
+    """A config from command-line arguments: ``--config run.yaml``, ``--optim.lr 1e-4``, ``optim.lr=1e-4``.
+
+    Arguments apply in order, later ones over earlier ones. ``key.path=value`` (``clipforge train``'s
+    original override syntax; ``-`` in a key reads as ``_``) is ``--key.path=value``. ``--help`` and
+    ``--print_config`` print and exit, as argparse does.
+    """
+    parser = parser or config_parser()
+    tokens, given = _translate(list(args))
+    try:
+        ns = parser.parse_args(tokens)
+    except ArgumentError as e:
+        raise _typed_error(e, given) from None
+    return _build(TrainConfig, ns, "config")
+
+
+def _translate(args: List[str]) -> Tuple[List[str], Dict[str, Any]]:
+    """jsonargparse's arguments for ``args`` (overrides as options), and each value given by its dotted key.
+
+    Every key is checked on the way, those in ``--config`` files too, so an unknown one fails here by name.
+    """
+    tokens: List[str] = []
+    given: Dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        token = args[i]
+        i += 1
+        if not token.startswith("-"):
+            override = _OVERRIDE.fullmatch(token)
+            if override is None:
+                raise ValueError(f"override {token!r}: expected key.path=value")
+            key, value = override.group(1).replace("-", "_"), override.group(2)
+            _check_path(key)
+            given[key] = value
+            tokens.append(f"--{key}={value}")
+            continue
+        tokens.append(token)
+        option = _OPTION.fullmatch(token)
+        if option is None or option.group(1) in _FLAGS:  # -h, --help, --print_config[=flags]
+            continue
+        key, value = option.group(1), option.group(2)[1:] if option.group(2) else None
+        if value is None and i < len(args):  # --key VALUE: the next argument is the value, whatever it looks like
+            value = args[i]
+            tokens.append(value)
+            i += 1
+        if key == "config":
+            if value is not None:
+                _check_keys(_read_yaml(value), TrainConfig, "config", given)
+        else:
+            _check_path(key)
+            given[key] = value
+    return tokens, given
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """The YAML file (if any) with ``key.path=value`` overrides applied on top, validated into a :class:`TrainConfig`."""
+    return parse_config((["--config", str(path)] if path is not None else []) + list(overrides))
+
+
+def save_config(cfg: TrainConfig, path: Union[str, Path]) -> None:
+    """``cfg`` as YAML at ``path``, written atomically; :func:`load_config` reads it back equal."""
+    write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# -- error quality: the dataclasses are the schema, jsonargparse the typing ----------------------------
+@functools.lru_cache(maxsize=None)
+def _fields(cls: type) -> Dict[str, Any]:
+    """Field name -> its type, for the fields of a settings dataclass."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _section(annotation: Any) -> Optional[type]:
+    """The dataclass of a nested section, None for a plain setting."""
+    return annotation if dataclasses.is_dataclass(annotation) else None
+
+
+def _read_yaml(path: str) -> Dict[str, Any]:
+    try:
+        d = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: the top level must be a mapping of settings")
+    return d
+
+
+def _unknown(where: str, keys: Sequence[str], cls: type) -> ValueError:
+    return ValueError(f"{where}: unknown key(s) {sorted(keys)}; known keys: {sorted(_fields(cls))}")
+
+
+def _check_keys(d: Any, cls: type, where: str, given: Dict[str, Any]) -> None:
+    """Every key of the nested dict ``d`` is a field of ``cls``; records leaf values in ``given`` by dotted key."""
     if not isinstance(d, dict):
         raise ValueError(f"{where}: expected a mapping, got {type(d).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(fields))
+    fields = _fields(cls)
+    unknown = [k for k in d if k not in fields]
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(fields)}")
+        raise _unknown(where, unknown, cls)
+    prefix = where.partition(".")[2]
+    for key, value in d.items():
+        path = f"{prefix}.{key}" if prefix else key
+        sub = _section(fields[key])
+        if sub is not None:
+            _check_keys(value, sub, f"{where}.{key}", given)
+        else:
+            given[path] = value
+
+
+def _check_path(key: str) -> None:
+    """``key`` (``optim.lr``) names a setting or a section of :class:`TrainConfig`."""
+    cls: Optional[type] = TrainConfig
+    where = "config"
+    for part in key.split("."):
+        if cls is None:
+            raise ValueError(f"{where} is a setting, not a section: no {part!r} in it")
+        fields = _fields(cls)
+        if part not in fields:
+            raise _unknown(where, [part], cls)
+        cls, where = _section(fields[part]), f"{where}.{part}"
+
+
+def _type_at(key: str) -> Any:
+    cls: Any = TrainConfig
+    for part in key.split("."):
+        cls = _fields(cls)[part]
+    return cls
+
+
+_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _describe(annotation: Any) -> str:
+    if dataclasses.is_dataclass(annotation):
+        return "a mapping of its settings"
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is Union and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return " or ".join(_describe(a) for a in rest) + " (or null)"
+    return _NAMES.get(annotation) or str(annotation).replace("typing.", "")
+
+
+def _typed_error(error: ArgumentError, given: Dict[str, Any]) -> ValueError:
+    """jsonargparse's message for a value that does not fit, as ``config.KEY: expected TYPE, got VALUE``."""
+    message = str(error)
+    match = re.search(r'Parser key "([^"]+)"', message)
+    if match is None:
+        return ValueError(f"config: {message}")
+    key = match.group(1)
+    try:
+        expected = _describe(_type_at(key))
+    except KeyError:
+        return ValueError(f"config.{key}: {message}")
+    got = f", got {given[key]!r}" if key in given else ""
+    return ValueError(f"config.{key}: expected {expected}{got}")
+
+
+def _build(cls: type, ns: Union[Namespace, Any], where: str) -> Any:
+    """The dataclass from jsonargparse's typed namespace; a ``__post_init__`` error names its section."""
+    if not isinstance(ns, Namespace):
+        raise ValueError(f"{where}: expected a mapping, got {ns!r}")
     kwargs = {}
-    for name, value in d.items():
-        kwargs[name] = _coerce(hints[name], value, f"{where}.{name}")
+    for name, annotation in _fields(cls).items():
+        sub = _section(annotation)
+        kwargs[name] = _build(sub, ns[name], f"{where}.{name}") if sub is not None else ns[name]
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: {e}") from e
 
 
-def _coerce(annotation: Any, value: Any, where: str) -> Any:
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is Union:
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(arg, value, where)
-            except (TypeError, ValueError):
-                continue
-        raise ValueError(f"{where}: {value!r} does not fit {annotation}")
-    if dataclasses.is_dataclass(annotation):
-        return value if isinstance(value, annotation) else build_dataclass(annotation, value, where)
-    if origin in (tuple, Sequence, list, List) or annotation in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
-        inner = args[0] if args and args[0] is not Ellipsis else Any
-        items = [_coerce(inner, v, where) for v in value]
-        return tuple(items) if origin is tuple or annotation is tuple else items
-    if origin in (dict, Dict) or annotation is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping, got {value!r}")
-        return value
-    if origin is Literal:
-        if value not in args:
-            raise ValueError(f"{where}: {value!r} not one of {args}")
-        return value
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ValueError(f"{where}: expected a string, got {value!r}")
-        return str(value)
-    return value
-
-
-def apply_overrides(d: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
-    """``["optim.lr=1e-4", "data.train_data=x.csv"]`` into the nested dict; values are parsed as YAML."""
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {item!r}: expected key.path=value")
-        parts = key.strip().lstrip("-").replace("-", "_").split(".")
-        node = d
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {p!r} is not a section")
-        value = yaml.safe_load(raw) if raw.strip() else None
-        node[parts[-1]] = value
-    return d
-
-
-def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """The YAML file (if any) with overrides applied on top, validated into a :class:`TrainConfig`."""
-    d: Dict[str, Any] = {}
-    if path is not None:
-        text = Path(path).read_text()
-        try:
-            d = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML ({e})") from e
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: the top level must be a mapping of settings")
-    d = apply_overrides(d, overrides)
-    return TrainConfig.from_dict(d)
-
-
-def save_config(cfg: TrainConfig, path: Union[str, Path]) -> None:
-    from ..checkpoints.io import atomic_write
-
-    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
 __all__ = ["TrainConfig", "ModelSettings", "OptimSettings", "LossSettings", "ValSettings", "DataConfig",
-           "AugmentationConfig", "ShapesConfig", "load_config", "save_config", "apply_overrides"]
+           "AugmentationConfig", "ShapesConfig", "config_parser", "parse_config", "load_config", "save_config"]

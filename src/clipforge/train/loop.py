@@ -348,7 +348,8 @@ class Trainer:
         summary: Dict[str, Any] = {"steps": self.step, "epochs_completed": self.epoch, "wall_seconds": wall,
                                    "samples_per_s": samples / max(wall, 1e-9), "steps_this_run": steps,
                                    "data": self.loader.stats.state_dict(), "val": self.last_val,
-                                   "loss_kind": self.loss_kind, "notes": self.notes}
+                                   "loss_kind": self.loss_kind, "notes": self.notes,
+                                   "data_summary": self.loader.stats.summary(), "final": str(self.run_dir / "final")}
         state = model_state(self.model) if self.cfg.distributed == "fsdp" and self.info.distributed else None
         if self.info.is_main:
             export = unwrap(self.model)
@@ -360,8 +361,6 @@ class Trainer:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             if self.logger is not None:
                 self.logger.close()
-            tqdm.write(f"done: {self.step} steps, {summary['samples_per_s']:.1f} samples/s, "
-                       f"{self.loader.stats.summary()}; model in {self.run_dir / 'final'}")
         barrier(self.info)
         return summary
 

@@ -8,22 +8,15 @@ are used with gradient in one pass only, so their gradient is not counted ``k`` 
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from ..precision import autocast
 from .distributed import no_grad_sync
 
 MicroBatch = Tuple[Tensor, Tensor]
-
-
-def autocast_context(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _loss(loss_fn: Callable, out: Dict[str, Optional[Tensor]], images: Tensor, texts: Tensor,
@@ -47,7 +40,7 @@ def forward_backward(
     moved = [(img.to(device, non_blocking=True), txt.to(device, non_blocking=True)) for img, txt in micro_batches]
     if len(moved) == 1:
         images, texts = moved[0]
-        with autocast_context(precision, device):
+        with autocast(precision, device):
             out = model(images, texts)
             loss = _loss(loss_fn, out, out["image_features"], out["text_features"], True)
         backward(loss)
@@ -55,7 +48,7 @@ def forward_backward(
 
     cached_images: List[Tensor] = []
     cached_texts: List[Tensor] = []
-    with torch.no_grad(), autocast_context(precision, device):
+    with torch.no_grad(), autocast(precision, device):
         for images, texts in moved:
             out = model(images, texts)
             cached_images.append(out["image_features"])
@@ -64,7 +57,7 @@ def forward_backward(
     for j, (images, texts) in enumerate(moved):
         # Gradients sync across ranks only on the last micro-batch, which is also the one that
         # carries the logit scale's gradient (so DDP sees every parameter used when it reduces).
-        with no_grad_sync(model, skip=j < last), autocast_context(precision, device):
+        with no_grad_sync(model, skip=j < last), autocast(precision, device):
             out = model(images, texts)
             all_images = torch.cat(cached_images[:j] + [out["image_features"]] + cached_images[j + 1:])
             all_texts = torch.cat(cached_texts[:j] + [out["text_features"]] + cached_texts[j + 1:])

@@ -11,8 +11,7 @@ from typing import Callable, Dict
 import torch
 from torch.utils.data import DataLoader
 
-from ..data.captions import CaptionGroups
-from ..data.loader import DataConfig, read_records
+from ..data.loader import DataConfig, caption_groups
 from ..evaluate.datasets import CaptionedImages, captions_collate
 from ..evaluate.metrics import retrieval_metrics
 from ..evaluate.retrieval import retrieval_embeddings
@@ -23,20 +22,25 @@ from .config import ValSettings
 def build_val_loader(cfg: ValSettings, transform: Callable) -> DataLoader:
     """Images with all their captions, in file order; the caption file is read as training data is."""
     source = DataConfig(kind=cfg.kind, train_data=cfg.data, img_key=cfg.img_key, caption_key=cfg.caption_key)
-    groups = CaptionGroups.from_records(read_records(source))
-    ds = CaptionedImages(list(zip(groups.image_paths, groups.captions)), transform)
+    ds = CaptionedImages.from_groups(caption_groups(source), transform)
     return DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers,
                       collate_fn=captions_collate)
 
 
 @torch.no_grad()
 def validate(model: torch.nn.Module, tokenizer: Callable, loader: DataLoader, batch_size: int,
-             loss_kind: str, device: torch.device, progress: bool = False) -> Dict[str, float]:
-    """``val_loss`` plus clip_benchmark's retrieval metrics (``image_retrieval_recall@k`` ...)."""
+             loss_kind: str, device: torch.device, progress: bool = False,
+             precision: str = "fp32") -> Dict[str, float]:
+    """``val_loss`` plus clip_benchmark's retrieval metrics (``image_retrieval_recall@k`` ...).
+
+    The embeddings are computed under ``autocast(precision)`` (:mod:`clipforge.precision`); the
+    default fp32 keeps validation exact whatever precision training runs in.
+    """
     was_training = model.training
     model.eval()
     try:
-        image_emb, text_emb, owner = retrieval_embeddings(model, tokenizer, loader, device, use_tqdm=progress)
+        image_emb, text_emb, owner = retrieval_embeddings(model, tokenizer, loader, device, precision,
+                                                         use_tqdm=progress)
         metrics = retrieval_metrics(image_emb, text_emb, owner)
         first = torch.full((len(image_emb),), -1, dtype=torch.long)
         for t in range(len(owner) - 1, -1, -1):  # backwards, so the first caption of each image wins

@@ -1,4 +1,8 @@
-"""Plots and the Markdown report of ``clipforge demo`` (matplotlib's Agg backend: no display needed)."""
+"""Plots and the Markdown report of the demo (matplotlib's Agg backend: no display needed).
+
+Kept apart from :mod:`clipforge.demo.run` so the run reads as train -> evaluate -> write; the
+training curves come from the trainer's ``metrics.jsonl`` (per step, smoothed here).
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,9 +10,10 @@ from typing import TYPE_CHECKING, Dict, List
 
 import numpy as np
 
-if TYPE_CHECKING:  # demo imports this module lazily; the reverse import is for type names only
-    from .demo import DemoResult
+if TYPE_CHECKING:  # run imports this module; the reverse import is for type names only
+    from .run import DemoResult
 
+TRAIN_DIR = "train"  # the trainer's run folder inside the demo's output folder
 PLOTS = {
     "curves": "curves.png",
     "confusion": "confusion_heldout.png",
@@ -36,9 +41,10 @@ def _smooth(values: List[float], window: int) -> np.ndarray:
 
 
 def plot_curves(result: "DemoResult", path: Path) -> None:
+    """Loss (per step and smoothed), logit scale and learning rate over the trainer's logged steps."""
     plt = _pyplot()
     h = result.history
-    steps = np.arange(1, len(h.loss) + 1)
+    steps = np.asarray(h.step)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     axes[0].plot(steps, h.loss, alpha=0.3, label="per step")
     axes[0].plot(steps, _smooth(h.loss, 20), label="moving average (20)")
@@ -140,6 +146,7 @@ def _pct(x: float) -> str:
 
 
 def report_markdown(result: "DemoResult", config: Dict) -> str:
+    """The report: what was held out, zero-shot and retrieval tables, the plots and the configuration."""
     m, s = result.metrics, result.splits
     held = ", ".join(s.class_names[c] for c in s.heldout_labels)
     n_all = len(s.class_names)
@@ -147,7 +154,7 @@ def report_markdown(result: "DemoResult", config: Dict) -> str:
         "# clipforge demo: a small CLIP trained on generated shapes",
         "",
         f"Trained for {m['steps']} steps ({m['train_seconds']:.0f} s of training, {m['total_seconds']:.0f} s in all) "
-        f"on {len(s.train.captions)} captioned images of the {len(s.seen_labels)} seen (colour, shape) pairs. "
+        f"on {result.n_train} captioned images of the {len(s.seen_labels)} seen (colour, shape) pairs. "
         f"The held-out pairs never occur in training: **{held}**. Each of their colours and each of their "
         "shapes occurs in exactly two of them, so among the held-out classes a model that knew only colour "
         "(or only shape) would score 50%: more than that needs the two composed.",
@@ -196,7 +203,10 @@ def report_markdown(result: "DemoResult", config: Dict) -> str:
         *[f"{k} = {v}" for k, v in config.items()],
         "```",
         "",
-        "The trained weights are in `model.safetensors` (OpenCLIP key layout) with `open_clip_config.json`.",
+        f"Training was an ordinary `clipforge train` run in `{TRAIN_DIR}/`: `{TRAIN_DIR}/config.yaml` is its "
+        f"configuration, `{TRAIN_DIR}/metrics.jsonl` its per-step log. The trained model is `{TRAIN_DIR}/final/`, "
+        "in OpenCLIP's hub layout with its preprocessing (clipforge's and open_clip's "
+        f"`create_model(\"local-dir:<this folder>/{TRAIN_DIR}/final\")`).",
         "",
     ]
     return "\n".join(lines)
