@@ -52,6 +52,47 @@ def test_quick_run_writes_report_and_plots(quick_run):
     assert json.loads((out / "metrics.json").read_text()) == pytest.approx(metrics)
 
 
+def test_quick_run_records_what_repeats_it(quick_run):
+    """Seed and thread count decide every number: both are in metrics.json and the report says how to rerun."""
+    out, m = quick_run
+    assert m["seed"] == 0 and m["torch_threads"] == torch.get_num_threads()
+    report = (out / "report.md").read_text()
+    assert "## Reproducibility" in report and f"--seed 0 --threads {m['torch_threads']}" in report
+    assert "--threads 1" in report and "--seeds 5" in report
+
+
+def test_threads_are_set_for_the_run_and_restored():
+    from clipforge.demo.run import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="at least 1"):
+        with torch_threads(0):
+            pass
+
+
+def test_demo_seeds_prints_and_writes_the_spread(monkeypatch, tmp_path, capsys):
+    from clipforge.demo import run as demo_run
+
+    figures = {0: 0.60, 1: 0.70, 2: 0.65}
+
+    def fake_run_demo(out_dir, seed, **kwargs):
+        keys = demo_run.SPREAD_METRICS
+        return {**{k: figures[seed] for k in keys}, "seed": seed, "torch_threads": 1}
+
+    monkeypatch.setattr(demo_run, "run_demo", fake_run_demo)
+    assert demo_cli.main(out=str(tmp_path), seeds=3) == 0
+    out = capsys.readouterr().out
+    values = np.array(list(figures.values()))
+    line = next(line for line in out.splitlines() if "heldout_zeroshot_acc1" in line)
+    assert f"mean {values.mean():.1%}, std {values.std(ddof=1):.1%}, range 60.0%..70.0%" in line
+    saved = json.loads((tmp_path / "spread.json").read_text())
+    assert saved["seeds"] == [0, 1, 2]
+    assert saved["spread"]["heldout_zeroshot_acc1"]["std"] == pytest.approx(values.std(ddof=1))
+
+
 def test_quick_run_is_a_trainer_run(quick_run):
     # Training went through clipforge.train: its run folder, per-step log and saved config are there,
     # and the report's curves and final loss are that log's numbers.

@@ -203,6 +203,8 @@ def test_run_eval_linear_probe_on_folder_splits(model, tok, tmp_path):
 
 def test_bad_inputs_raise_clear_errors(model, tok, tmp_path):
     with pytest.raises(ValueError, match="task must be"):
+        run_eval("image_caption_selection", model, tok, transform(), tmp_path)
+    with pytest.raises(ValueError, match="no text decoder"):  # captioning needs a CoCa; this is a CLIP
         run_eval("captioning", model, tok, transform(), tmp_path)
     with pytest.raises(FileNotFoundError):
         run_eval("zeroshot_retrieval", model, tok, transform(), tmp_path / "nothing.tsv")

@@ -13,6 +13,7 @@ import transformers
 
 import clipforge
 from clipforge.config import TEXT_KINDS, VISION_KINDS, CLIPConfig
+from clipforge.models import MODEL_CLASSES, build_model
 from clipforge.models.clip import TEXT_TOWERS, VISION_TOWERS
 
 # The Hub configs of the text towers OpenCLIP's registry names (sizes from their config.json).
@@ -46,6 +47,8 @@ def _open_clip_model(name: str) -> torch.nn.Module:
     cfg = open_clip.get_model_config(name)
     custom = cfg.pop("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {})
     cfg["text_cfg"]["hf_model_pretrained"] = False  # architecture only: no weight download
+    if "multimodal_cfg" in cfg:  # as open_clip's factory decides
+        return open_clip.CoCa(**cfg)
     cls = open_clip.model.CustomTextCLIP if custom else open_clip.model.CLIP
     return cls(**cfg)
 
@@ -56,7 +59,8 @@ def test_every_architecture_builds_and_matches_open_clip(name, offline_hf_config
     assert cfg.vision_cfg.kind in VISION_KINDS and cfg.text_cfg.kind in TEXT_KINDS
     cfg.text_cfg.hf_model_pretrained = False  # architecture only: no weight download
     with torch.device("meta"):
-        ours = clipforge.CLIP(cfg)
+        ours = build_model(cfg)
+    assert isinstance(ours, MODEL_CLASSES[cfg.model_kind])
     reference = name
     if reference not in open_clip.list_models() and name.endswith("-quickgelu"):
         reference = name[: -len("-quickgelu")]  # our alias; the activation does not change any shape
@@ -65,6 +69,8 @@ def test_every_architecture_builds_and_matches_open_clip(name, offline_hf_config
     with torch.device("meta"):
         ref = _open_clip_model(reference)
     ref_shapes = {k: v for k, v in _shapes(ref).items() if k != "attn_mask"}  # a derived buffer we rebuild
+    # the model class follows from the config in both libraries (multimodal_cfg makes a CoCa)
+    assert (cfg.model_kind == "coca") == isinstance(ref, open_clip.CoCa)
     assert _shapes(ours) == ref_shapes
 
 

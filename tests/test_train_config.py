@@ -91,7 +91,7 @@ def test_mistyped_values_name_the_path_and_the_expected_type(tmp_path):
 def test_post_init_checks_name_their_section(tmp_path):
     with pytest.raises(ValueError, match=r"^config\.data: data kind 'csv' needs train_data"):
         parse_config(["data.kind=csv"])
-    with pytest.raises(ValueError, match=r"^config\.loss: loss\.kind must be one of \('auto', 'clip', 'siglip'\)"):
+    with pytest.raises(ValueError, match=r"^config\.loss: loss\.kind must be one of \('auto', 'clip', 'siglip', 'coca'\)"):
         load_config(_yaml(tmp_path, {"loss": {"kind": "infonce"}}))
     with pytest.raises(ValueError, match=r"^config\.optim: optim\.schedule must be one of"):
         parse_config(["--optim.schedule", "linear"])

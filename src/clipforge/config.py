@@ -116,10 +116,42 @@ class TextConfig:
 
 
 @dataclass
+class MultimodalConfig:
+    """CoCa's caption decoder (OpenCLIP's ``multimodal_cfg``): causal self-attention over the text
+    tower's tokens, cross-attention to the image tower's tokens, a head onto the text vocabulary.
+
+    Defaults are OpenCLIP's ``MultimodalCfg``. Its decoder reads only ``context_length``, ``width``,
+    ``heads``, ``layers`` and ``ls_init_value`` (the vocabulary is the text tower's, the MLP ratio
+    is always 4); the other keys are kept so its JSON files round-trip unchanged.
+    """
+    context_length: int = 77
+    vocab_size: int = 49408
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    mlp_ratio: float = 4.0
+    ls_init_value: Optional[float] = None
+    dim_head: int = 64
+    n_queries: int = 256
+    attn_pooler_heads: int = 8
+
+    def __post_init__(self) -> None:
+        if self.mlp_ratio != 4.0:
+            raise ValueError(f"multimodal_cfg.mlp_ratio is {self.mlp_ratio}, but OpenCLIP's CoCa decoder always "
+                             f"uses 4; a checkpoint with another ratio could not be exchanged with OpenCLIP")
+
+
+# What ``CLIPConfig.model_kind`` can be: the model class ``clipforge.create_model`` builds.
+MODEL_KINDS = ("clip", "coca")
+
+
+@dataclass
 class CLIPConfig:
     embed_dim: int = 512
     vision_cfg: VisionConfig = field(default_factory=VisionConfig)
     text_cfg: TextConfig = field(default_factory=TextConfig)
+    # CoCa's caption decoder; its presence makes the model a CoCa (``model_kind == "coca"``).
+    multimodal_cfg: Optional[MultimodalConfig] = None
     quick_gelu: bool = False  # OpenAI's original weights were trained with QuickGELU
     # Initial logit bias (SigLIP uses -10); None means the model has no bias parameter.
     init_logit_bias: Optional[float] = None
@@ -129,23 +161,27 @@ class CLIPConfig:
     custom_text: bool = False
     nonscalar_logit_scale: bool = False
     cast_dtype: Optional[str] = None
+    # Derived once from the fields above (never read from or written to JSON): "clip" or "coca".
+    model_kind: str = field(init=False, default="clip")
+
+    def __post_init__(self) -> None:
+        self.model_kind = "coca" if self.multimodal_cfg is not None else "clip"
 
     @classmethod
     def from_dict(cls, d: dict) -> "CLIPConfig":
         d = dict(d)
         vision = d.pop("vision_cfg", {}) or {}
         text = d.pop("text_cfg", {}) or {}
-        known = {f.name for f in dataclasses.fields(cls)}
+        multimodal = d.pop("multimodal_cfg", None)
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = set(d) - known
-        # Keys of OpenCLIP's model JSON that carry no architecture for us are tolerated and dropped.
-        ignorable = {"multimodal_cfg"}
-        if unknown - ignorable:
-            raise ValueError(f"unknown CLIP config keys: {sorted(unknown - ignorable)}")
-        for k in unknown:
-            d.pop(k)
+        if unknown:
+            raise ValueError(f"unknown CLIP config keys: {sorted(unknown)}")
         return cls(
             vision_cfg=_dataclass_from_dict(VisionConfig, vision, "vision_cfg"),
             text_cfg=_dataclass_from_dict(TextConfig, text, "text_cfg"),
+            multimodal_cfg=(_dataclass_from_dict(MultimodalConfig, multimodal, "multimodal_cfg")
+                            if multimodal is not None else None),
             **d,
         )
 
@@ -159,8 +195,8 @@ class CLIPConfig:
             return dataclasses.replace(self)
         d = self.to_dict()
         for key, value in overrides.items():
-            if key in ("vision_cfg", "text_cfg") and isinstance(value, dict):
-                d[key] = {**d[key], **value}
+            if key in ("vision_cfg", "text_cfg", "multimodal_cfg") and isinstance(value, dict):
+                d[key] = {**(d.get(key) or {}), **value}
             else:
                 d[key] = value
         return CLIPConfig.from_dict(d)
@@ -178,6 +214,8 @@ class CLIPConfig:
                 out[name] = True
         out["vision_cfg"] = _non_default_fields(self.vision_cfg)
         out["text_cfg"] = _non_default_fields(self.text_cfg)
+        if self.multimodal_cfg is not None:
+            out["multimodal_cfg"] = _non_default_fields(self.multimodal_cfg)
         return out
 
 

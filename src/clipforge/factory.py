@@ -14,6 +14,7 @@ import torch
 
 from .checkpoints import infer_config, load_state_dict_into, read_checkpoint, unwrap_state_dict
 from .config import CLIPConfig, PreprocessConfig
+from .models import build_model
 from .models.clip import CLIP
 from .models.registry import get_model_config
 from .precision import PRECISIONS, check_precision
@@ -88,7 +89,7 @@ def _build(model_name: ModelName, pretrained: Optional[PathLike], strict: bool, 
             raise ValueError(f"{model_name!r} carries its own weights; leave pretrained unset (got {pretrained!r})")
         return _from_hub_layout(schema, where, cache_dir, overrides)
     if pretrained is None:
-        return CLIP(_resolve_config(model_name, None).with_overrides(overrides)), None
+        return build_model(_resolve_config(model_name, None).with_overrides(overrides)), None
     preprocess = None
     if isinstance(model_name, str) and isinstance(pretrained, str) and is_pretrained_tag(model_name, pretrained):
         tag = get_pretrained_cfg(model_name, pretrained)
@@ -104,11 +105,15 @@ def _build(model_name: ModelName, pretrained: Optional[PathLike], strict: bool, 
             from .pretrained import list_pretrained_tags_by_model
             tags = f"; tags of {model_name!r}: {', '.join(list_pretrained_tags_by_model(model_name)) or 'none'}"
         raise UnknownPretrainedError(f"pretrained={str(pretrained)!r} is neither a known tag nor an existing file{tags}")
-    state_dict = unwrap_state_dict(read_checkpoint(path))
+    raw = read_checkpoint(path)
+    state_dict = unwrap_state_dict(raw)
+    if cfg is None and model_name is None:  # the file must say its activation (checkpoints.openai.infer_config)
+        from .checkpoints.openai import infer_file_config
+        cfg = infer_file_config(path, raw)
     cfg = (cfg or _resolve_config(model_name, state_dict)).with_overrides(overrides)
     if strict:
         return build_with_weights(cfg, state_dict, str(path)), preprocess
-    return load_state_dict_into(CLIP(cfg), state_dict, strict=False, source=str(path)).eval(), preprocess
+    return load_state_dict_into(build_model(cfg), state_dict, strict=False, source=str(path)).eval(), preprocess
 
 
 def create_model(
@@ -192,5 +197,7 @@ def get_tokenizer(model_name: ModelName = None, context_length: Optional[int] = 
 
 def load_model_config_and_state(path: PathLike) -> Tuple[CLIPConfig, dict]:
     """Read a checkpoint and infer its architecture (for tools that convert files without a name)."""
-    sd = unwrap_state_dict(read_checkpoint(path))
-    return infer_config(sd), sd
+    from .checkpoints.openai import infer_file_config
+
+    raw = read_checkpoint(path)
+    return infer_file_config(path, raw), unwrap_state_dict(raw)

@@ -7,6 +7,8 @@
   O(chunk_size * B) instead of O(B^2)).
 * :class:`SigLipLoss` - pairwise sigmoid loss, distributed by passing text features
   around the ranks.
+* :class:`CoCaLoss` - ``ClipLoss`` on the contrastive embeddings plus the captioning
+  cross-entropy (padding ignored), weighted as ``open_clip.loss.CoCaLoss``.
 
 All losses take ``(image_features, text_features, logit_scale, logit_bias)`` where
 ``logit_scale`` is the already-exponentiated temperature, as in OpenCLIP.
@@ -30,6 +32,7 @@ from .distributed_ops import (
 __all__ = [
     "ClipLoss",
     "ChunkedClipLoss",
+    "CoCaLoss",
     "SigLipLoss",
     "clip_loss",
     "chunked_clip_loss",
@@ -172,6 +175,59 @@ class ClipLoss(nn.Module):
         if self.world_size > 1:
             image_features, text_features = self._gather(image_features, text_features)
         return chunked_clip_loss(image_features, text_features, logit_scale, logit_bias, chunk)
+
+
+class CoCaLoss(ClipLoss):
+    """CoCa's loss: ``(clip_loss_weight * ClipLoss, caption_loss_weight * captioning CE)``.
+
+    Same arguments, outputs and values as ``open_clip.loss.CoCaLoss``: ``forward(image_features,
+    text_features, logits [B, L, V], labels [B, L], logit_scale)`` returns the two weighted terms
+    (a dict with ``output_dict``); the contrastive term is distributed as ``ClipLoss`` (its
+    ``local_loss`` / ``gather_with_grad``), the captioning term is each rank's own mean over its
+    non-padding tokens, as in OpenCLIP. OpenCLIP's training defaults are weights 2.0 (caption)
+    and 1.0 (contrastive).
+    """
+
+    def __init__(self, caption_loss_weight: float = 2.0, clip_loss_weight: float = 1.0, pad_id: int = 0,
+                 local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
+                 rank: int = 0, world_size: int = 1, chunk_size: Optional[int] = None) -> None:
+        super().__init__(local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=cache_labels,
+                         rank=rank, world_size=world_size, chunk_size=chunk_size)
+        self.caption_loss_weight = caption_loss_weight
+        self.clip_loss_weight = clip_loss_weight
+        self.pad_id = pad_id
+
+    def contrastive_loss(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
+                         logit_bias: Optional[Tensor] = None) -> Tensor:
+        """The unweighted contrastive term: ``ClipLoss`` with this loss's distributed settings."""
+        return ClipLoss.forward(self, image_features, text_features, logit_scale, logit_bias)
+
+    def caption_loss(self, logits: Tensor, labels: Tensor, num_tokens: Optional[int] = None) -> Tensor:
+        """Unweighted cross-entropy of ``logits`` [B, L, V] against ``labels`` [B, L], padding ignored:
+        the mean over this batch's tokens, or their sum divided by ``num_tokens`` (the token count of
+        a larger batch this one is part of, for exact gradient accumulation)."""
+        if num_tokens is None:
+            return F.cross_entropy(logits.permute(0, 2, 1), labels, ignore_index=self.pad_id)
+        total = F.cross_entropy(logits.permute(0, 2, 1), labels, ignore_index=self.pad_id, reduction="sum")
+        return total / num_tokens
+
+    def forward(  # type: ignore[override]
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logits: Tensor,
+        labels: Tensor,
+        logit_scale: Tensor,
+        output_dict: bool = False,
+    ):
+        if self.clip_loss_weight:
+            clip = self.clip_loss_weight * self.contrastive_loss(image_features, text_features, logit_scale)
+        else:
+            clip = torch.tensor(0, device=logits.device)
+        caption = self.caption_loss_weight * self.caption_loss(logits, labels)
+        if output_dict:
+            return {"contrastive_loss": clip, "caption_loss": caption}
+        return clip, caption
 
 
 class ChunkedClipLoss(ClipLoss):

@@ -14,8 +14,9 @@ import torch
 from ..config import OPENAI_MEAN, OPENAI_STD, CLIPConfig, PreprocessConfig, TextConfig, VisionConfig, as_tuple2
 from ..models.clip import text_keys_to_root
 from ..tokenizer.hf_files import write_hf_tokenizer
-from .hf_folder import (image_processor_config, model_type, read_config, read_hf_weights, read_image_processor,
-                        write_json)
+from ..atomic import atomic_directory
+from .hf_folder import (image_processor_config, is_model_folder, model_type, read_config, read_hf_weights,
+                        read_image_processor, write_json)
 from .io import CheckpointError, PathLike, save_safetensors
 from .keymap import KeyMap, prefixed
 from .load import build_with_weights
@@ -197,12 +198,13 @@ def save_hf_clip(model, path: PathLike, tokenizer: bool = True,
     hf_sd = openclip_to_hf(sd, source=type(model).__name__)
     pp = preprocess_cfg or default_preprocess(model.cfg.vision_cfg.image_size)
     processor = image_processor_config(pp, "CLIPImageProcessor", "CLIPProcessor", can_crop=True)
-    save_safetensors(hf_sd, path / "model.safetensors", metadata={"format": "pt"})
-    written = [write_json(path / "config.json", hf_cfg), path / "model.safetensors",
-               write_json(path / "preprocessor_config.json", processor)]
-    if tokenizer:
-        written += write_hf_tokenizer(path, model.cfg.text_cfg.context_length)
-    return written
+    with atomic_directory(path, replaceable=is_model_folder) as tmp:  # the old folder or the new one, never a mix
+        save_safetensors(hf_sd, tmp / "model.safetensors", metadata={"format": "pt"})
+        names = [write_json(tmp / "config.json", hf_cfg).name, "model.safetensors",
+                 write_json(tmp / "preprocessor_config.json", processor).name]
+        if tokenizer:
+            names += [f.name for f in write_hf_tokenizer(tmp, model.cfg.text_cfg.context_length)]
+    return [path / name for name in names]
 
 
 # ----------------------------------------------------------------------------- the format (formats.py)

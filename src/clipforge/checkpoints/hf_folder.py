@@ -109,6 +109,15 @@ def write_json(file: Path, obj) -> Path:
     return write_text(file, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+# A folder holding one of these is a model folder a save may replace as a whole (see ``atomic_directory``).
+MODEL_FOLDER_MARKERS = ("config.json", "open_clip_config.json")
+
+
+def is_model_folder(path: PathLike) -> bool:
+    """Whether ``path`` is a model folder (transformers' or OpenCLIP's), which a new save may replace."""
+    return any((Path(path) / name).is_file() for name in MODEL_FOLDER_MARKERS)
+
+
 def has_tokenizer(path: PathLike) -> bool:
     """Whether the folder holds transformers tokenizer files."""
     return any((Path(path) / n).is_file() for n in ("tokenizer.json", "spiece.model", "tokenizer_config.json"))

@@ -17,8 +17,9 @@ from ..config import CLIPConfig, PreprocessConfig, TextConfig, VisionConfig
 from ..models.clip import CLIP, TEXT_PREFIX
 from ..tokenizer.hf_files import copy_hf_tokenizer
 from .hf_clip import BLOCK
-from .hf_folder import (has_tokenizer, image_processor_config, model_type, read_config, read_hf_weights,
-                        read_image_processor, tokenizer_folder, write_json)
+from ..atomic import atomic_directory
+from .hf_folder import (has_tokenizer, image_processor_config, is_model_folder, model_type, read_config,
+                        read_hf_weights, read_image_processor, tokenizer_folder, write_json)
 from .io import CheckpointError, PathLike, save_safetensors, write_text
 from .keymap import KeyMap, prefixed
 from .load import build_with_weights
@@ -221,16 +222,19 @@ def save_hf_siglip(model: CLIP, folder: PathLike, tokenizer=None,
     sd = CLIPFORGE_TO_HF.apply(model.state_dict(), expected, source="clipforge model")
     pp = preprocess_cfg or default_preprocess(model.cfg.vision_cfg.image_size)
     processor = image_processor_config(pp, "SiglipImageProcessor", "SiglipProcessor", can_crop=False)
-    save_safetensors(sd, folder / "model.safetensors", metadata={"format": "pt"})
-    written = [folder / "model.safetensors", write_json(folder / "preprocessor_config.json", processor)]
     source = tokenizer_folder(model.cfg.text_cfg.hf_tokenizer_name)
-    if tokenizer is not None:
-        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-        written += [Path(f) for f in tokenizer.save_pretrained(folder) if Path(f).is_file()]
-    elif source is not None and source.resolve() != folder.resolve():
-        written += copy_hf_tokenizer(source, folder)
-    # The config goes last: a folder is only recognised (model_type) once its weights are complete.
-    return [write_text(folder / "config.json", hf_config.to_json_string()), *written]
+    # Built in a temporary sibling and swapped in whole: the old folder or the new one, never a mix. A
+    # tokenizer read from ``folder`` itself is copied from the old folder before the swap.
+    with atomic_directory(folder, replaceable=is_model_folder) as tmp:
+        save_safetensors(sd, tmp / "model.safetensors", metadata={"format": "pt"})
+        written = [tmp / "model.safetensors", write_json(tmp / "preprocessor_config.json", processor)]
+        if tokenizer is not None:
+            tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+            written += [Path(f) for f in tokenizer.save_pretrained(tmp) if Path(f).is_file()]
+        elif source is not None:
+            written += copy_hf_tokenizer(source, tmp)
+        written.insert(0, write_text(tmp / "config.json", hf_config.to_json_string()))
+    return [folder / f.name for f in written]
 
 
 # ---- the format (formats.py) ----------------------------------------------------------------------

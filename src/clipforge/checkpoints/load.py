@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from ..config import CLIPConfig
-from ..models.clip import CLIP, text_keys_from_root, text_keys_to_root
+from ..models import build_model
+from ..models.clip import text_keys_from_root, text_keys_to_root
 from ..models.pos_embed import resample_1d_pos_embed, resample_grid_pos_embed
 from .io import CheckpointError, read_checkpoint
 
@@ -98,19 +99,19 @@ def load_state_dict_into(model: nn.Module, checkpoint: Any, strict: bool = True,
 
 
 def build_with_weights(cfg: CLIPConfig, checkpoint: Any, source: str):
-    """``CLIP(cfg)`` holding ``checkpoint``'s weights (strictly), in eval mode.
+    """``build_model(cfg)`` (a CLIP or CoCa) holding ``checkpoint``'s weights (strictly), in eval mode.
 
     The model is built on the meta device and the weights assigned, skipping a random init that
     costs more than reading the file for large models; towers with state outside the state dict
     (left on meta) are rebuilt normally.
     """
     with torch.device("meta"):
-        model = CLIP(cfg)
+        model = build_model(cfg)
     sd = adapt_state_dict(unwrap_state_dict(checkpoint), model)
     problems = describe_mismatch(model.state_dict(), sd)
     if problems:
         raise CheckpointError(f"{source} does not fit the model: {problems}")
     model.load_state_dict(sd, strict=True, assign=True)
     if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
-        model = load_state_dict_into(CLIP(cfg), sd, strict=True, source=source)
+        model = load_state_dict_into(build_model(cfg), sd, strict=True, source=source)
     return model.eval()

@@ -11,9 +11,10 @@ import json
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+from ..atomic import atomic_directory
 from ..config import CLIPConfig, PreprocessConfig
 from ..tokenizer.hf_files import copy_hf_tokenizer, write_hf_tokenizer
-from .hf_folder import tokenizer_folder
+from .hf_folder import is_model_folder, tokenizer_folder
 from .io import CheckpointError, PathLike, read_checkpoint, save_safetensors, save_torch, write_text
 from .load import build_with_weights
 
@@ -27,6 +28,7 @@ TORCH_NAME = "open_clip_pytorch_model.bin"
 WEIGHT_NAMES = (SAFETENSORS_NAME, "open_clip_pytorch_model.safetensors", TORCH_NAME, "open_clip_pytorch_model.pth")
 _VISION_CORE = ("image_size", "layers", "width", "head_width", "mlp_ratio", "patch_size")
 _TEXT_CORE = ("context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio")
+_MULTIMODAL_CORE = ("context_length", "vocab_size", "width", "heads", "layers")
 _PREPROCESS_KEYS = {"size", "mode", "mean", "std", "interpolation", "resize_mode", "fill_color"}
 
 
@@ -67,7 +69,10 @@ def _explicit_model_cfg(cfg: CLIPConfig) -> dict:
     ``to_dict`` omits defaults; writing them keeps the file exact even if a reader's defaults differ.
     """
     d = cfg.to_dict()
-    for tower, names in (("vision_cfg", _VISION_CORE), ("text_cfg", _TEXT_CORE)):
+    towers = [("vision_cfg", _VISION_CORE), ("text_cfg", _TEXT_CORE)]
+    if cfg.multimodal_cfg is not None:  # CoCa's decoder
+        towers.append(("multimodal_cfg", _MULTIMODAL_CORE))
+    for tower, names in towers:
         obj = getattr(cfg, tower)
         for name in names:
             value = getattr(obj, name)
@@ -100,19 +105,21 @@ def save_openclip_dir(model, path: PathLike, preprocess_cfg: Optional[Preprocess
     sd = model.state_dict()
     written = []
     hf_tokenizer = model.cfg.text_cfg.hf_tokenizer_name
-    if tokenizer and not hf_tokenizer:
-        written += write_hf_tokenizer(path, model.cfg.text_cfg.context_length)
-    elif tokenizer and tokenizer_folder(hf_tokenizer) and Path(hf_tokenizer).resolve() != path.resolve():
-        written += copy_hf_tokenizer(hf_tokenizer, path)
-    if safetensors:
-        save_safetensors(sd, path / SAFETENSORS_NAME)
-        written.append(path / SAFETENSORS_NAME)
-    if torch_bin:
-        save_torch({k: v.detach().cpu() for k, v in sd.items()}, path / TORCH_NAME)
-        written.append(path / TORCH_NAME)
-    # The config goes last: a directory is only recognised once its weights are complete.
-    write_text(path / CONFIG_NAME, text)
-    return [path / CONFIG_NAME, *written]
+    # Built in a temporary sibling and swapped in whole (clipforge.atomic): a reader sees the old folder
+    # or the new one, never a mix. A tokenizer read from ``path`` itself is copied from the old folder.
+    with atomic_directory(path, replaceable=is_model_folder) as tmp:
+        if tokenizer and not hf_tokenizer:
+            written += write_hf_tokenizer(tmp, model.cfg.text_cfg.context_length)
+        elif tokenizer and tokenizer_folder(hf_tokenizer):
+            written += copy_hf_tokenizer(hf_tokenizer, tmp)
+        if safetensors:
+            save_safetensors(sd, tmp / SAFETENSORS_NAME)
+            written.append(tmp / SAFETENSORS_NAME)
+        if torch_bin:
+            save_torch({k: v.detach().cpu() for k, v in sd.items()}, tmp / TORCH_NAME)
+            written.append(tmp / TORCH_NAME)
+        write_text(tmp / CONFIG_NAME, text)
+    return [path / CONFIG_NAME, *(path / f.name for f in written)]
 
 
 # The format interface (see formats.py).

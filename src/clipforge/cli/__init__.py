@@ -11,18 +11,27 @@ keyword arguments, and raises ValueError (or FileNotFoundError) for a bad argume
 Options are spelled as in Python (``--top_k``); ``--top-k`` is accepted too, and a bool option alone
 (``--quick``) means true, ``--no-quick`` false. Only the chosen command's module is imported, so
 ``clipforge --help`` lists the table below without importing torch.
+
+Errors a user can cause (a missing file, a bad checkpoint, an unknown name, a broken image: the
+library's ``ValueError``/``OSError`` family and its own error types) print one line
+``clipforge CMD: error: ...`` on stderr and exit 1 (2 for a bad argument: :class:`UsageError`, the
+parser's errors); ``--debug`` anywhere before ``--``, or ``CLIPFORGE_DEBUG=1``, shows the traceback
+instead. A closed stdout (``clipforge models | head``) ends the command quietly.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import inspect
+import os
 import re
 import sys
 import typing
+import warnings
 from types import ModuleType
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+DEBUG_ENV = "CLIPFORGE_DEBUG"  # set to 1 for tracebacks instead of one-line errors (as --debug)
 # sub-command -> (module in clipforge.cli, one-line help)
 COMMANDS: Dict[str, Tuple[str, str]] = {
     "demo": ("demo", "train and evaluate a small CLIP on generated shapes (no download)"),
@@ -30,17 +39,24 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "pretrained": ("pretrained", "list pretrained (model, tag) pairs"),
     "convert": ("convert", "convert a checkpoint between OpenAI, OpenCLIP and Hugging Face formats"),
     "classify": ("classify", "zero-shot classify images against labels"),
-    "eval": ("eval", "zero-shot classification, retrieval or linear probe"),
+    "eval": ("eval", "zero-shot classification, retrieval, linear probe or captioning"),
     "train": ("train", "train or fine-tune CLIP: a YAML config, then --section.key options"),
     "wise-ft": ("wise_ft", "interpolate zero-shot and fine-tuned weights (WiSE-FT)"),
     "shards": ("shards", "write WebDataset shards from a CSV/TSV, COCO or JSONL"),
+    "embed": ("embed", "embed an image folder, caption file or shard set (clip-retrieval layout)"),
+    "index": ("index", "build faiss indexes over an embedding folder"),
+    "search": ("search", "search an indexed collection by text, image or embedding"),
+    "serve": ("serve", "serve an indexed collection: JSON API and a search web page"),
+    "filter": ("filter", "keep image-caption pairs by CLIP score and drop near-duplicates"),
+    "caption": ("caption", "caption images with a CoCa model"),
 }
 
 
 def overview() -> argparse.ArgumentParser:
     """The top-level parser: only what ``clipforge --help`` prints (each command parses its own arguments)."""
     parser = argparse.ArgumentParser(prog="clipforge", description="Train, convert, evaluate and use CLIP models.",
-                                     epilog="`clipforge COMMAND --help` shows a command's arguments.")
+                                     epilog="`clipforge COMMAND --help` shows a command's arguments; --debug (or "
+                                            f"{DEBUG_ENV}=1) shows the traceback of an error.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text)
@@ -111,16 +127,54 @@ def _module(name: str) -> ModuleType:
     return importlib.import_module(f"{__name__}.{COMMANDS[name][0]}")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """Run ``clipforge ARGV``; returns the exit code (1 and the command list when no command is given)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    top = overview()
-    if not argv or argv[0] in ("-h", "--help"):
-        top.print_help()
-        return 0 if argv else 1
-    name, args = argv[0], snake_options(argv[1:])
-    if name not in COMMANDS:
-        top.error(f"unknown command {name!r}; choose from {', '.join(COMMANDS)}")
+class UsageError(ValueError):
+    """A command-line argument value a command cannot use (exit code 2, as the parser's own errors)."""
+
+
+
+def _user_errors() -> Tuple[type, ...]:
+    """Exceptions that describe the user's input or environment, not a bug: shown as one line.
+
+    ValueError covers CheckpointError, DataError, config errors, UnknownPretrainedError and
+    ImageLoadError; OSError the files named on the command line; ImportError a missing optional extra.
+    """
+    errors: List[type] = [ValueError, OSError, ImportError]
+    download = sys.modules.get("clipforge.pretrained.download")
+    if download is not None:
+        errors.append(download.DownloadError)
+    loop = sys.modules.get("clipforge.train.loop")
+    if loop is not None:
+        errors.append(loop.TrainingDiverged)
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "OutOfMemoryError"):
+        errors.append(torch.OutOfMemoryError)
+    return tuple(errors)
+
+
+def _message(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    if isinstance(e, ModuleNotFoundError) and e.name and "pip install" not in text:
+        text += f" (an optional dependency: pip install {e.name})"
+    return text
+
+
+def _pop_debug(argv: List[str]) -> Tuple[List[str], bool]:
+    """``argv`` without ``--debug`` tokens before ``--``, and whether there was one."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    kept = [a for a in argv[:end] if a != "--debug"]
+    return kept + argv[end:], len(kept) != end
+
+
+def _quiet_broken_pipe() -> None:
+    """The reader of stdout went away: send the rest to devnull so the interpreter's final flush is silent."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (captured in tests)
+        pass
+
+
+def _run(name: str, args: List[str]) -> int:
     from jsonargparse import set_parsing_settings
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass fields' docstrings are help, as in litgpt
@@ -130,8 +184,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             keywords = module.parse(args, prog, _description(module.main))
         except (ValueError, FileNotFoundError) as e:
-            print(f"{prog}: error: {e}", file=sys.stderr)
-            return 2
+            raise UsageError(str(e)) from e
         positional: List[Any] = []
     else:
         positional, keywords = parse_signature(module.main, args, prog)
@@ -139,4 +192,41 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0 if code is None else int(code)
 
 
-__all__ = ["COMMANDS", "main", "overview", "parse_signature", "snake_options"]
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run ``clipforge ARGV``; returns the exit code (1 and the command list when no command is given)."""
+    argv, debug = _pop_debug(list(sys.argv[1:] if argv is None else argv))
+    debug = debug or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    top = overview()
+    if not argv or argv[0] in ("-h", "--help"):
+        top.print_help()
+        return 0 if argv else 1
+    name, args = argv[0], snake_options(argv[1:])
+    if name not in COMMANDS:
+        top.error(f"unknown command {name!r}; choose from {', '.join(COMMANDS)}")
+    prog = f"clipforge {name}"
+    show = warnings.showwarning
+    if not debug:  # library warnings as one line each, like the errors
+        warnings.showwarning = lambda message, category, *_, **__: print(
+            f"{prog}: warning: {message}", file=sys.stderr)
+    try:
+        code = _run(name, args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        _quiet_broken_pipe()
+        return 0
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as e:
+        if debug:
+            raise
+        print(f"{prog}: error: {_message(e)}", file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
+    finally:
+        warnings.showwarning = show
+
+
+__all__ = ["COMMANDS", "DEBUG_ENV", "UsageError", "main", "overview", "parse_signature", "snake_options"]

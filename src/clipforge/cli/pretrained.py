@@ -1,6 +1,7 @@
 """``clipforge pretrained``: the known (model, tag) pairs (:func:`clipforge.pretrained.pretrained_rows`)."""
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 from ..pretrained import pretrained_rows
@@ -14,6 +15,10 @@ def main(model: Optional[str] = None) -> int:
     Args:
         model: list only this architecture's tags
     """
-    for row in pretrained_rows(model):
+    rows = pretrained_rows(model)  # an unknown model is an error naming the closest ones
+    for row in rows:
         print("\t".join(row))
+    if model and not rows:
+        print(f"clipforge pretrained: {model} is a known architecture without pretrained tags "
+              f"(train it, or load your own file with --pretrained PATH)", file=sys.stderr)
     return 0

@@ -7,7 +7,7 @@ from ..data.captions import read_caption_file
 from ..data.shards import write_shards
 
 
-def main(input_path: str, out_dir: str, kind: str = "auto", img_key: str = "filepath", caption_key: str = "title",
+def main(input_path: str, out_dir: str, kind: str = "auto", img_key: str = "filepath", caption_key: Optional[str] = None,
          sep: Optional[str] = None, image_root: Optional[str] = None, max_count_per_shard: int = 10000,
          prefix: str = "shard") -> int:
     """Write WebDataset tar shards and sizes.json from a CSV/TSV, COCO or JSONL caption file.
@@ -20,7 +20,8 @@ def main(input_path: str, out_dir: str, kind: str = "auto", img_key: str = "file
         out_dir: folder for prefix-000000.tar ... and sizes.json
         kind: csv, tsv, coco, jsonl, or auto (by suffix: .json COCO, .jsonl JSON lines, else a table)
         img_key: table column holding image paths (relative to the file's folder or image_root)
-        caption_key: table column holding captions
+        caption_key: table column holding captions (default: 'title' if the table has one, else its one
+            column besides img_key)
         sep: table separator (default: tab for .tsv, comma for .csv, else told by the header line)
         image_root: folder image paths are relative to
         max_count_per_shard: samples per shard

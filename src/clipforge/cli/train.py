@@ -15,9 +15,23 @@ _VAL_METRICS = ("val_loss", "image_retrieval_recall@1", "image_retrieval_recall@
                 "text_retrieval_recall@1")
 
 
+def _names_data(args: Sequence[str]) -> bool:
+    """Whether the arguments choose the training data: a ``--config`` file, or any ``data.`` setting."""
+    return any(a.lstrip("-").split("=")[0] == "config" or a.lstrip("-").startswith("data.") for a in args)
+
+
 def parse(args: Sequence[str], prog: str, description: str) -> Dict[str, Any]:
-    """``main``'s arguments: the config the arguments describe (ValueError naming a bad key or value)."""
-    return {"config": parse_config(args, config_parser(prog, description))}
+    """``main``'s arguments: the config the arguments describe (ValueError naming a bad key or value).
+
+    Without ``--config`` or any ``data.`` setting the defaults would train on random synthetic
+    data, which is never what a first run means: that is an error saying how to choose.
+    """
+    config = parse_config(args, config_parser(prog, description))
+    if not _names_data(args):
+        raise ValueError(f"no --config and no data given: the defaults would train {config.model.name} on random "
+                         f"synthetic data. Pass --config run.yaml, or --data.kind csv --data.train_data captions.tsv "
+                         f"(--data.kind synthetic to do the former on purpose; `{prog} --help` lists the settings)")
+    return {"config": config}
 
 
 def main(config: TrainConfig) -> int:

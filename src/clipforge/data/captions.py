@@ -114,16 +114,51 @@ def read_table(path: PathLike, columns: Sequence[str], sep: Optional[str] = None
     return rows
 
 
+DEFAULT_CAPTION_KEY = "title"  # OpenCLIP's --csv-caption-key default
+
+
+def table_header(path: PathLike, sep: Optional[str] = None) -> List[str]:
+    """The column names of a header-first table (separator by :func:`table_separator`)."""
+    path = Path(path)
+    sep = table_separator(path, sep)
+    with open(path, newline="", encoding="utf-8") as f:
+        line = f.readline()
+    if not line.strip():
+        raise DataError(f"{path}: empty file, expected a header row")
+    quoting = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL
+    return next(csv.reader([line], delimiter=sep, quoting=quoting))
+
+
+def caption_column(path: PathLike, img_key: str = "filepath", sep: Optional[str] = None) -> str:
+    """The caption column of a table when none is named: ``title`` (OpenCLIP's default) if present, else
+    the one column besides ``img_key``; more than one candidate is an error listing them."""
+    header = table_header(path, sep)
+    if DEFAULT_CAPTION_KEY in header:
+        return DEFAULT_CAPTION_KEY
+    others = [c for c in header if c != img_key]
+    if len(others) == 1 and img_key in header:
+        return others[0]
+    raise DataError(f"{path}: cannot tell the caption column: header {header} has "
+                    f"{'no ' + repr(img_key) + ' column and ' if img_key not in header else ''}"
+                    f"{len(others)} other column(s); name them with caption_key / img_key "
+                    f"(clipforge shards --caption-key COLUMN --img-key COLUMN)")
+
+
 def read_csv_records(
     path: PathLike,
     img_key: str = "filepath",
-    caption_key: str = "title",
+    caption_key: Optional[str] = DEFAULT_CAPTION_KEY,
     sep: Optional[str] = None,
     image_root: Optional[PathLike] = None,
 ) -> List[CaptionRecord]:
-    """Read a header-first CSV/TSV; paths are relative to the file's folder (or ``image_root``)."""
+    """Read a header-first CSV/TSV; paths are relative to the file's folder (or ``image_root``).
+
+    ``caption_key=None`` finds the caption column by :func:`caption_column`.
+    """
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
+    if caption_key is None:
+        caption_key = caption_column(path, img_key, sep)
     return [CaptionRecord(resolve_path(root, row.values[img_key]), row.values[caption_key], row.source)
             for row in read_table(path, (img_key, caption_key), sep)]
 
@@ -192,15 +227,15 @@ def read_caption_file(
     path: PathLike,
     kind: str = "auto",
     img_key: str = "filepath",
-    caption_key: str = "title",
+    caption_key: Optional[str] = DEFAULT_CAPTION_KEY,
     sep: Optional[str] = None,
     image_root: Optional[PathLike] = None,
 ) -> List[CaptionRecord]:
     """(image, caption) records of a caption file of ``kind`` (one of ``CAPTION_KINDS``).
 
     ``auto`` goes by the suffix: ``.json`` COCO, ``.jsonl`` JSON lines, anything else a table.
-    ``img_key``/``caption_key``/``sep`` are the table's columns and separator; JSON lines use
-    their own ``image``/``caption`` keys.
+    ``img_key``/``caption_key``/``sep`` are the table's columns and separator (``caption_key=None``:
+    found by :func:`caption_column`); JSON lines use their own ``image``/``caption`` keys.
     """
     if kind not in CAPTION_KINDS:
         raise ValueError(f"unknown caption file kind {kind!r}; expected one of {CAPTION_KINDS}")
@@ -240,7 +275,7 @@ class CaptionDataset(Dataset):
         return image, self.tokenize([rec.caption])[0]
 
     def _broken(self, rec: CaptionRecord, reason: str) -> BrokenSample:
-        b = BrokenSample(str(rec.path), f"{reason} [{rec.source}]")
+        b = BrokenSample(str(rec.path), f"{reason} [{rec.source}]", rec.source)
         if len(self.broken) < 1000:
             self.broken.append(b)
         return b

@@ -174,6 +174,10 @@ def build_train_loader(cfg: DataConfig, transform: Callable, tokenize: Callable,
         kw["collate_fn"] = collate_skipping
         dl = DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=cfg.drop_last, **kw)
         num_batches = len(dl)
+        if num_batches == 0:
+            where = cfg.train_data if cfg.kind not in ("synthetic", "shapes") else f"{cfg.kind} data"
+            raise ValueError(f"{where}: {len(ds)} samples for {world_size} rank(s) make no full batch of "
+                             f"{batch_size}: use a smaller batch_size, more data, or data.drop_last=false")
         loader = TrainLoader(dl, num_batches, len(ds), batch_size, stats, sampler=sampler)
     loader.seed = seed
     loader.set_epoch(0)

@@ -10,7 +10,7 @@ should stop a run early, a handful of corrupt JPEGs should not).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, NamedTuple, Sequence
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -27,6 +27,7 @@ class BrokenSample(NamedTuple):
 
     path: str
     reason: str
+    source: str = ""  # where it was listed ("captions.tsv:12", a shard and key), when known
 
 
 def is_broken(sample: Any) -> bool:
@@ -60,7 +61,11 @@ def collate_skipping(samples: Sequence[Any]) -> Batch:
 
 @dataclass
 class SkipStats:
-    """Counts seen and skipped samples; enforces ``max_bad_fraction`` after ``min_seen`` samples."""
+    """Counts seen and skipped samples; enforces ``max_bad_fraction`` after ``min_seen`` samples.
+
+    Only the first ``keep_examples`` are kept in memory; ``sink``, when set, receives every skipped
+    sample (the trainer writes them all to the run folder's ``skipped.jsonl``).
+    """
 
     max_bad_fraction: float = 0.1
     min_seen: int = 100
@@ -69,6 +74,7 @@ class SkipStats:
     skipped: int = 0
     reasons: dict = field(default_factory=dict)  # reason category -> count
     examples: List[BrokenSample] = field(default_factory=list)
+    sink: Optional[Callable[[List[BrokenSample]], None]] = field(default=None, repr=False, compare=False)
 
     def update(self, n_seen: int, skipped: Sequence[BrokenSample]) -> None:
         self.seen += n_seen
@@ -78,6 +84,8 @@ class SkipStats:
             self.reasons[key] = self.reasons.get(key, 0) + 1
             if len(self.examples) < self.keep_examples:
                 self.examples.append(s)
+        if self.sink is not None and skipped:
+            self.sink(list(skipped))
         self.check()
 
     def update_batch(self, batch: Batch) -> None:

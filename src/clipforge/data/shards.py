@@ -5,9 +5,15 @@
 
 Image bytes are copied verbatim: re-encoding would lose quality and make round trips inexact.
 Tar members get fixed metadata (mtime 0, uid 0) so the same input gives byte-identical shards.
+
+The shard set is one output: it is built in a temporary sibling of ``out_dir`` and swapped in whole
+(``clipforge.atomic.atomic_directory``), so a kill or a full disk leaves the previous set or the
+new one, never new shards next to old ones and an old ``sizes.json``. (Per-shard renames plus a
+manifest written last would not give that: a rerun over a larger old set would mix them.)
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import tarfile
@@ -15,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, List, Optional, Tuple, Union
 
+from ..atomic import atomic_directory, cleanup_stale, no_space_error, write_text
 from .captions import CaptionRecord
 from .robust import BrokenSample, describe_exception
 
@@ -54,6 +61,12 @@ class ShardWriteResult:
         return str(first.parent / f"{prefix}-{{{a}..{b}}}.tar")
 
 
+def is_shard_folder(path: Path) -> bool:
+    """Whether ``path`` holds only a shard set (tars and JSON), which a new set may replace."""
+    return (path / "sizes.json").is_file() or all(p.suffix in (".tar", ".json") for p in path.iterdir()
+                                                   if not p.name.startswith("."))
+
+
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o644
@@ -71,15 +84,25 @@ def write_shards(
     """Write ``prefix-000000.tar`` ... and ``sizes.json``; unreadable or empty samples are skipped.
 
     ``samples`` are (image path or bytes, caption) pairs or :class:`CaptionRecord`s. Keys are the
-    running sample index, zero padded to ``key_digits``.
+    running sample index, zero padded to ``key_digits``. An existing ``out_dir`` is replaced as a
+    whole when it holds a shard set; one holding other files is refused (``FileExistsError``).
     """
     if max_count_per_shard < 1:
         raise ValueError("max_count_per_shard must be >= 1")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    cleanup_stale(out.parent)  # what a killed earlier run left next to out_dir
+    with atomic_directory(out, replaceable=is_shard_folder) as tmp:
+        res = _write_into(samples, tmp, max_count_per_shard, prefix, key_digits, shard_digits)
+    res.shard_paths = [out / p.name for p in res.shard_paths]
+    return res
+
+
+def _write_into(samples, out: Path, max_count_per_shard: int, prefix: str, key_digits: int,
+                shard_digits: int) -> ShardWriteResult:
     res = ShardWriteResult()
     tar: Optional[tarfile.TarFile] = None
     count = 0
+    path = out / "sizes.json"
     try:
         for item in samples:
             src, caption = item[0], item[1]
@@ -107,9 +130,13 @@ def write_shards(
             count += 1
             res.sizes[res.shard_paths[-1].name] += 1
             res.n_written += 1
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise no_space_error(path) from e
+        raise
     finally:
         if tar is not None:
             tar.close()
-    (out / "sizes.json").write_text(json.dumps(res.sizes, indent=1) + "\n")
+    write_text(out / "sizes.json", json.dumps(res.sizes, indent=1) + "\n")
     return res
 

@@ -23,6 +23,20 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXT = "txt"
 
 
+WDS_EXTRA_HINT = "pip install 'clipforge[wds]'"
+
+
+def optional_import(module: str, purpose: str):
+    """``import module`` of the optional ``wds`` extra; an ImportError that says how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"{purpose} needs the {module!r} package, part of the optional WebDataset extra: "
+                          f"{WDS_EXTRA_HINT}") from e
+
+
 def _split_list(spec: Union[str, Sequence, None]) -> List[str]:
     if spec is None:
         return []
@@ -37,7 +51,7 @@ def expand_urls(urls: Union[str, Sequence[str]],
 
     Each ``::``-separated source gets its own weight (an upsampling factor), copied to its shards.
     """
-    from braceexpand import braceexpand  # ships with webdataset (optional "wds" extra)
+    braceexpand = optional_import("braceexpand", "reading WebDataset shard urls").braceexpand
 
     sources = _split_list(urls)
     out: List[str] = []
@@ -142,7 +156,7 @@ class WdsCaptionStream(IterableDataset):
             pending.append(BrokenSample(where, describe_exception(exn)))
             return True
 
-        import webdataset as wds  # optional dependency: only needed once shards are read
+        wds = optional_import("webdataset", "reading WebDataset shards")  # only needed once shards are read
 
         yield from wds.tarfile_samples(({"url": u} for u in shards), handler=handler)
 

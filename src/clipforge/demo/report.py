@@ -145,6 +145,21 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def reproducibility_lines(m: Dict) -> List[str]:
+    """What decides the numbers (seed, thread count) and, when several seeds ran, how much they vary."""
+    seed, threads = m.get("seed", "?"), m.get("torch_threads", "?")
+    return [
+        "## Reproducibility",
+        "",
+        f"Seed {seed}, {threads} torch threads. The seed fixes the generated data, the initial weights and the "
+        f"data order, so `clipforge demo --seed {seed} --threads {threads}` repeats every number above exactly. "
+        "A different thread count (the default is one per core, so another machine) sums floats in another "
+        "order and trains a slightly different model; `--threads 1` repeats a result on any machine. "
+        "`clipforge demo --seeds 5` trains five seeds and prints each figure's mean, spread and range: "
+        "differences between single runs smaller than that spread are noise.",
+    ]
+
+
 def report_markdown(result: "DemoResult", config: Dict) -> str:
     """The report: what was held out, zero-shot and retrieval tables, the plots and the configuration."""
     m, s = result.metrics, result.splits
@@ -186,6 +201,8 @@ def report_markdown(result: "DemoResult", config: Dict) -> str:
         "",
         "Many captions fit several images (\"red circle\" names no size, place or background), so R@1 "
         "is limited by that ambiguity as well as by the model.",
+        "",
+        *reproducibility_lines(m),
         "",
         "## Plots",
         "",

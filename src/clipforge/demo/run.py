@@ -10,11 +10,12 @@ reruns it with ``clipforge train``, its ``metrics.jsonl`` is the history the rep
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -64,6 +65,11 @@ class DemoConfig:
     # Data-loading processes. On 2 cores a worker gains nothing measurable (a batch of 128 takes ~40 ms
     # of a ~0.5 s step) and slows the quick run by ~25%, competing with the model's threads.
     workers: int = 0
+    # torch's intra-op threads while training and evaluating (None: torch's default, one per core).
+    # Everything random is seeded from `seed`, so a rerun on the same machine repeats the numbers
+    # exactly; but the thread count orders float sums, so another count (another machine) trains a
+    # slightly different model. threads=1 repeats exactly everywhere the same torch build runs.
+    threads: Optional[int] = None
 
     def model_dict(self) -> Dict[str, Any]:
         """Inline OpenCLIP-style model config; ``vision_layers`` as 4 block counts selects the ResNet tower."""
@@ -250,26 +256,69 @@ def evaluate(model: CLIP, splits: ShapesSplits, shapes: ShapesConfig, cfg: DemoC
     return metrics, extras
 
 
+@contextlib.contextmanager
+def torch_threads(n: Optional[int]) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` inside the block (unchanged for None), restored after."""
+    before = torch.get_num_threads()
+    if n is not None:
+        if n < 1:
+            raise ValueError(f"threads must be at least 1, got {n}")
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_demo(out_dir: str = "runs/demo", steps: Optional[int] = None, seed: int = 0, quick: bool = False,
-             progress: bool = True, config: Optional[DemoConfig] = None) -> Dict[str, float]:
+             progress: bool = True, config: Optional[DemoConfig] = None,
+             threads: Optional[int] = None) -> Dict[str, float]:
     """Train (run folder ``out_dir/train``), evaluate, and write ``report.md``, plots and ``metrics.json``.
 
-    Returns the metrics (also in ``metrics.json``).
+    Returns the metrics (also in ``metrics.json``), with the ``seed`` and ``torch_threads`` that
+    decide them: the same pair repeats the numbers exactly (see ``DemoConfig.threads``).
     """
     t0 = time.perf_counter()
     cfg = config or (quick_config(seed) if quick else DemoConfig(seed=seed))
     if steps is not None:
         cfg = replace(cfg, steps=steps)
+    if threads is not None:
+        cfg = replace(cfg, threads=threads)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model, preprocess, history = train_demo_model(cfg, out / TRAIN_DIR, progress)
-    shapes, splits = make_demo_data(cfg)
-    metrics, extras = evaluate(model, splits, shapes, cfg, preprocess)
+    with torch_threads(cfg.threads):
+        threads = torch.get_num_threads()
+        model, preprocess, history = train_demo_model(cfg, out / TRAIN_DIR, progress)
+        shapes, splits = make_demo_data(cfg)
+        metrics, extras = evaluate(model, splits, shapes, cfg, preprocess)
     metrics.update(train_seconds=history.seconds, final_loss=float(np.mean(history.loss[-10:])),
-                   steps=history.step[-1])
+                   steps=history.step[-1], seed=cfg.seed, torch_threads=threads)
     result = DemoResult(metrics, history, splits, cfg.n_train, extras["heldout_pred"], extras["heldout_probs"],
                         extras["val_similarity"])
     metrics["total_seconds"] = time.perf_counter() - t0  # report writing is a second or two more
     write_report(out, result, asdict(cfg))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+SPREAD_METRICS = ("heldout_zeroshot_acc1", "seen_zeroshot_acc1", "image_retrieval_recall@1",
+                  "image_retrieval_recall@10")
+
+
+def seed_spread(runs: Sequence[Dict[str, float]], keys: Sequence[str] = SPREAD_METRICS) -> Dict[str, Dict[str, float]]:
+    """Per metric over demo runs (one per seed): mean, sample standard deviation, min and max."""
+    out: Dict[str, Dict[str, float]] = {}
+    for key in keys:
+        v = np.asarray([r[key] for r in runs], dtype=np.float64)
+        out[key] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                    "min": float(v.min()), "max": float(v.max()), "n": len(v)}
+    return out
+
+
+def run_demo_seeds(out_dir: str, seeds: Sequence[int], **kwargs) -> Tuple[List[Dict[str, float]], Dict]:
+    """:func:`run_demo` once per seed into ``out_dir/seed-S``; (each run's metrics, :func:`seed_spread`),
+    the spread also written to ``out_dir/spread.json``."""
+    runs = [run_demo(out_dir=str(Path(out_dir) / f"seed-{s}"), seed=s, **kwargs) for s in seeds]
+    spread = seed_spread(runs)
+    (Path(out_dir) / "spread.json").write_text(json.dumps({"seeds": list(seeds), "spread": spread}, indent=2) + "\n")
+    return runs, spread

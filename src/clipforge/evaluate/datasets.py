@@ -20,6 +20,7 @@ from ..transforms import load_image
 
 PathLike = Union[str, Path]
 TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe")
+SPLIT_NAMES = ("train", "val", "validation", "test")  # subfolders read as splits of an image folder
 
 
 class LabeledImages(ImageListDataset):
@@ -125,10 +126,9 @@ def wds_dataset(root: PathLike, transform: Optional[Callable] = None, split: str
     classification, ``root/classnames.txt`` and ``root/zeroshot_classification_templates.txt``.
     The result is an IterableDataset with ``classnames``, ``templates`` and ``retrieval`` attributes.
     """
-    try:
-        import webdataset as wds
-    except ImportError as err:
-        raise ImportError("WebDataset evaluation needs `pip install webdataset` (clipforge[wds])") from err
+    from ..data.webdataset import optional_import
+
+    wds = optional_import("webdataset", "WebDataset evaluation")
     root = Path(root)
     nshards = int((root / split / "nshards.txt").read_text().strip())
     shards = [str(root / split / f"{i}.tar") for i in range(nshards)]
@@ -179,7 +179,8 @@ def open_eval_dataset(path: PathLike, task: str, transform: Optional[Callable] =
     =====================  =====================================  ===========================
     dir with split/nshards WebDataset (clip_benchmark layout)     WebDataset
     other dir              ImageFolder (``split`` subfolder if    —
-                           present)
+                           present; else the folder itself,
+                           unless it has other split folders)
     ``.csv`` / ``.tsv``    ``filepath,label`` table               ``filepath,caption`` table
     ``.json``              —                                      COCO captions
     =====================  =====================================  ===========================
@@ -190,6 +191,9 @@ def open_eval_dataset(path: PathLike, task: str, transform: Optional[Callable] =
     retrieval = task == "zeroshot_retrieval"
     if not path.exists():
         raise FileNotFoundError(f"no dataset at {path}")
+    if path.is_dir() and not is_wds_root(path, split) and any(path.glob("*/nshards.txt")):
+        found = sorted(p.parent.name for p in path.glob("*/nshards.txt"))
+        raise ValueError(f"{path}: WebDataset set without a {split!r} split ({split}/nshards.txt); its splits: {found}")
     if path.is_dir() and is_wds_root(path, split):
         ds = wds_dataset(path, transform, split)
         if ds.retrieval != retrieval:
@@ -203,5 +207,10 @@ def open_eval_dataset(path: PathLike, task: str, transform: Optional[Callable] =
     if not retrieval and suffix in (".csv", ".tsv"):
         return labels_table(path, transform, classnames)
     if not retrieval and path.is_dir():
-        return image_folder(path / split if (path / split).is_dir() else path, transform)
+        if (path / split).is_dir():
+            return image_folder(path / split, transform)
+        splits = sorted(p.name for p in path.iterdir() if p.is_dir() and p.name in SPLIT_NAMES)
+        if splits:  # e.g. test/ without train/: the class folders are one level down
+            raise ValueError(f"{path}: no {split}/ folder; it has the split folder(s) {splits}")
+        return image_folder(path, transform)  # no splits: the folder is the split (see linear_probe's held-out test)
     raise ValueError(f"cannot open {path} for {task}: see clipforge.evaluate.datasets.open_eval_dataset")

@@ -4,10 +4,15 @@ As in the CLIP paper (A.3): full-batch L-BFGS, L2 strength chosen on a held-out 
 coarse-to-fine search over ``logspace(-6, 2, 97)``, then refit on train+val and scored on test.
 The objective is ``mean cross-entropy + weight_decay / 2 * ||W||^2`` (bias not penalised), which is
 sklearn's ``LogisticRegression(C=1 / (weight_decay * n_train))``.
+
+A probe must never be scored on the images it was fitted on: when the train and test loaders read
+the same images (a dataset folder without a ``train/`` split), a stratified, seeded fraction of them
+is held out as the test split instead, with a warning, and the result says so (``lp_test_split``).
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional, Sequence
+import warnings
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -85,10 +90,57 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
             "weight_decay": weight_decay, "seed": seed, "normalized": True}
 
 
-def evaluate_linear_probe(model: torch.nn.Module, train_loader: Iterable, test_loader: Iterable,
+def held_out_split(y: torch.Tensor, test_fraction: float = 0.2, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(fit indices, test indices): ``test_fraction`` of each class (at least one where it has two or more
+    samples) drawn by a seeded permutation, so every class is in both splits where it can be."""
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    gen = torch.Generator().manual_seed(seed)
+    fit, test = [], []
+    for c in torch.unique(y).tolist():
+        idx = (y == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        n_test = min(max(1, round(len(idx) * test_fraction)), len(idx) - 1) if len(idx) > 1 else 0
+        test.append(idx[:n_test])
+        fit.append(idx[n_test:])
+    return torch.cat(fit).sort().values, torch.cat(test).sort().values
+
+
+def _image_ids(loader: Iterable) -> Optional[List[str]]:
+    """The image paths a loader reads in order, where its dataset lists them (clipforge's datasets do)."""
+    paths = getattr(getattr(loader, "dataset", None), "paths", None)
+    return None if paths is None else [str(p) for p in paths]
+
+
+def same_images(train_loader: Iterable, test_loader: Iterable) -> bool:
+    """Whether both loaders read the same set of images (then the probe would be tested on its training data)."""
+    a, b = _image_ids(train_loader), _image_ids(test_loader)
+    return a is not None and b is not None and set(a) == set(b)
+
+
+def evaluate_linear_probe(model: torch.nn.Module, train_loader: Iterable, test_loader: Optional[Iterable],
                           num_classes: Optional[int] = None, device: Optional[Device] = None,
-                          precision: str = "fp32", seed: int = 0, use_tqdm: bool = True) -> Dict[str, float]:
-    """Extract normalised image features of both loaders, then :func:`linear_probe`."""
+                          precision: str = "fp32", seed: int = 0, use_tqdm: bool = True,
+                          test_fraction: float = 0.2) -> Dict[str, object]:
+    """Extract normalised image features of both loaders, then :func:`linear_probe`.
+
+    With ``test_loader=None``, or one reading the same images as ``train_loader``, the test split is
+    :func:`held_out_split` of the training images (warned about; ``lp_test_split`` is then
+    ``"held_out"`` and ``lp_test_fraction`` its share, else ``"given"`` and 0).
+    """
+    held_out = test_loader is None or same_images(train_loader, test_loader)
     train_x, train_y = image_features(model, train_loader, device, precision, use_tqdm=use_tqdm)
-    test_x, test_y = image_features(model, test_loader, device, precision, use_tqdm=use_tqdm)
-    return linear_probe(train_x, train_y, test_x, test_y, num_classes, seed=seed)
+    if held_out:
+        warnings.warn(f"linear probe: the dataset has no separate train split, so {test_fraction:.0%} of its "
+                      f"images (per class, seed {seed}) are held out as the test split; the rest train the probe",
+                      stacklevel=2)
+        fit, test = held_out_split(train_y, test_fraction, seed)
+        if not len(test):
+            raise ValueError("linear probe: too few images to hold out a test split (need 2 or more per class)")
+        train_x, train_y, test_x, test_y = train_x[fit], train_y[fit], train_x[test], train_y[test]
+    else:
+        test_x, test_y = image_features(model, test_loader, device, precision, use_tqdm=use_tqdm)
+    result: Dict[str, object] = dict(linear_probe(train_x, train_y, test_x, test_y, num_classes, seed=seed))
+    result.update(lp_test_split="held_out" if held_out else "given", lp_test_fraction=test_fraction if held_out else 0.0,
+                  lp_n_train=len(train_y), lp_n_test=len(test_y))
+    return result

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch.utils.data import DataLoader
 
+from ..atomic import write_text
 from ..precision import amp_precision
+from .captioning import evaluate_captioning, require_captioner
 from .datasets import TASKS, captions_collate, open_eval_dataset
 from .features import model_device
 from .linear_probe import evaluate_linear_probe
@@ -22,6 +24,8 @@ from .zero_shot import evaluate_zero_shot
 
 PathLike = Union[str, Path]
 DEFAULT_OUTPUT = "{dataset}_{pretrained}_{model}_{language}_{task}.json"  # clip_benchmark's default
+# captioning reads the retrieval data (images with all their captions), as in clip_benchmark
+EVAL_TASKS = TASKS + ("captioning",)
 
 
 def _loader(dataset, batch_size: int, num_workers: int, retrieval: bool) -> DataLoader:
@@ -64,23 +68,30 @@ def run_eval(
     image_root: Optional[PathLike] = None,
     language: str = "en",
     use_tqdm: bool = True,
+    generate_kwargs: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, object]:
     """Evaluate ``model`` on the dataset at ``dataset`` (see ``open_eval_dataset`` for accepted layouts).
 
-    ``task`` is ``zeroshot_classification``, ``zeroshot_retrieval`` or ``linear_probe`` (which reads
-    ``train_split`` of the same dataset for training). ``output`` may hold clip_benchmark's
-    placeholders ``{dataset} {model} {pretrained} {task} {language}``. ``amp`` is clip_benchmark's
+    ``task`` is ``zeroshot_classification``, ``zeroshot_retrieval``, ``linear_probe`` (which reads
+    ``train_split`` of the same dataset for training) or ``captioning`` (a model with ``generate``,
+    e.g. CoCa, on retrieval data; ``generate_kwargs`` go to ``model.generate``). ``output`` may hold
+    clip_benchmark's placeholders ``{dataset} {model} {pretrained} {task} {language}``. ``amp`` is clip_benchmark's
     ``--amp``: autocast in :func:`clipforge.precision.amp_precision` (fp16 on CUDA, bf16 elsewhere).
     """
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if task not in EVAL_TASKS:
+        raise ValueError(f"task must be one of {EVAL_TASKS}, got {task!r}")
+    if task == "captioning":
+        require_captioner(model, model_name)
     name = dataset_name or Path(dataset).stem
     precision = amp_precision(model_device(model, device)) if amp else "fp32"
     model.eval()
-    retrieval = task == "zeroshot_retrieval"
-    ds = open_eval_dataset(dataset, task, transform, split, image_root, classnames)
+    retrieval = task in ("zeroshot_retrieval", "captioning")
+    ds = open_eval_dataset(dataset, "zeroshot_retrieval" if retrieval else task, transform, split, image_root,
+                           classnames)
     loader = _loader(ds, batch_size, num_workers, retrieval)
-    if retrieval:
+    if task == "captioning":
+        metrics = evaluate_captioning(model, tokenizer, loader, device, precision, use_tqdm, **(generate_kwargs or {}))
+    elif retrieval:
         metrics = evaluate_retrieval(model, tokenizer, loader, recall_k, device, precision, use_tqdm)
     elif task == "zeroshot_classification":
         names = classnames or ds.classnames
@@ -95,11 +106,13 @@ def run_eval(
                                         num_classes, device, precision, use_tqdm=use_tqdm)
     result = {"dataset": name, "model": model_name, "pretrained": pretrained, "task": task,
               "metrics": metrics, "language": language}
+    if getattr(model, "random_weights", False):  # said in the file too, not only in a warning
+        result["random_weights"] = True
     if output is not None:
         path = Path(str(output).format(dataset=name.replace("/", "_"), model=model_name,
                                        pretrained=Path(pretrained).name if pretrained else "",
                                        task=task, language=language))
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result))
+        write_text(path, json.dumps(result))
     return result
 

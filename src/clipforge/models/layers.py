@@ -60,11 +60,54 @@ class PatchDropout(nn.Module):
         return torch.cat([cls_token, patches], dim=1)
 
 
+class KVCache:
+    """Keys and values of the positions a self-attention layer has seen, for incremental decoding.
+
+    Stored preallocated as [R, H, capacity, Dh] and filled up to ``length``; ``reorder`` follows the
+    rows (beams, or the samples still decoding) as a search rearranges or drops them.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.length = 0
+        self.k: Optional[torch.Tensor] = None
+        self.v: Optional[torch.Tensor] = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor):
+        """Add [R, H, n, Dh] keys/values; returns all keys/values so far, [R, H, length, Dh] each."""
+        rows, heads, n, head_dim = k.shape
+        if self.k is None:
+            self.k = k.new_empty(rows, heads, self.capacity, head_dim)
+            self.v = v.new_empty(rows, heads, self.capacity, head_dim)
+        if self.length + n > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions; {self.length + n} were given")
+        self.k[:, :, self.length:self.length + n] = k
+        self.v[:, :, self.length:self.length + n] = v
+        self.length += n
+        return self.k[:, :, :self.length], self.v[:, :, :self.length]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        if self.k is not None:
+            self.k = self.k.index_select(0, index)
+            self.v = self.v.index_select(0, index)
+
+
+def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    batch, seq, dim = x.shape
+    return x.view(batch, seq, num_heads, dim // num_heads).transpose(1, 2)  # [B, L, D] -> [B, H, L, Dh]
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    batch, heads, seq, head_dim = x.shape
+    return x.transpose(1, 2).reshape(batch, seq, heads * head_dim)  # [B, H, L, Dh] -> [B, L, D]
+
+
 class Attention(nn.Module):
     """Multi-head self-attention through ``scaled_dot_product_attention``.
 
     Weights are stored fused as ``in_proj_weight`` [3D, D] and ``out_proj`` exactly like
-    ``nn.MultiheadAttention``, which OpenAI/OpenCLIP checkpoints use.
+    ``nn.MultiheadAttention``, which OpenAI/OpenCLIP checkpoints use. With a ``cache`` the input is
+    the new positions only, attending to the cached ones as well (incremental decoding).
     """
 
     def __init__(self, dim: int, num_heads: int, device=None, dtype=None):
@@ -79,16 +122,56 @@ class Attention(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False) -> torch.Tensor:
+                is_causal: bool = False, cache: Optional[KVCache] = None) -> torch.Tensor:
         batch, seq, dim = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, L, 3D]
         # [B, L, 3, H, Dh] -> [3, B, H, L, Dh]
         qkv = qkv.view(batch, seq, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
+        if cache is not None:
+            k, v = cache.append(k, v)  # [B, H, past + L, Dh]
         if attn_mask is not None and attn_mask.dtype != torch.bool:
             attn_mask = attn_mask.to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-        out = out.transpose(1, 2).reshape(batch, seq, dim)  # [B, H, L, Dh] -> [B, L, D]
+        return self.out_proj(_merge_heads(out))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from queries ``x`` to a ``context`` of the same width (CoCa's decoder).
+
+    Parameters as ``nn.MultiheadAttention`` (fused ``in_proj_weight``: query rows, then key, then value).
+    The context's keys/values can be projected once (``project_context``) and reused every step.
+    Several query rows may share one context row (the beams of one image): ``x`` then has
+    ``rows_per_context`` times the context's batch, grouped contiguously.
+    """
+
+    def __init__(self, dim: int, num_heads: int, device=None, dtype=None):
+        super().__init__()
+        if num_heads < 1 or dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim, device=device, dtype=dtype))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim, device=device, dtype=dtype))
+        self.out_proj = nn.Linear(dim, dim, device=device, dtype=dtype)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def project_context(self, context: torch.Tensor):
+        """(keys, values) [B, H, N, Dh] of context tokens [B, N, D]."""
+        dim = context.shape[-1]
+        k = F.linear(context, self.in_proj_weight[dim:2 * dim], self.in_proj_bias[dim:2 * dim])
+        v = F.linear(context, self.in_proj_weight[2 * dim:], self.in_proj_bias[2 * dim:])
+        return _heads(k, self.num_heads), _heads(v, self.num_heads)
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None, context_kv=None,
+                rows_per_context: int = 1) -> torch.Tensor:
+        batch, seq, dim = x.shape
+        k, v = context_kv if context_kv is not None else self.project_context(context)
+        q = F.linear(x, self.in_proj_weight[:dim], self.in_proj_bias[:dim])  # [R, L, D]
+        if rows_per_context > 1:  # the rows of one context attend to it together: fold them into L
+            q = q.reshape(batch // rows_per_context, rows_per_context * seq, dim)  # [B, k*L, D]
+        out = F.scaled_dot_product_attention(_heads(q, self.num_heads), k, v)  # [B, H, k*L, Dh]
+        out = _merge_heads(out).reshape(batch, seq, dim)  # [R, L, D]
         return self.out_proj(out)
 
 
@@ -115,8 +198,38 @@ class ResidualAttentionBlock(nn.Module):
         self.ls_2 = LayerScale(width, ls_init_value) if ls_init_value is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False) -> torch.Tensor:
-        x = x + self.ls_1(self.attn(self.ln_1(x), attn_mask=attn_mask, is_causal=is_causal))
+                is_causal: bool = False, cache: Optional[KVCache] = None) -> torch.Tensor:
+        x = x + self.ls_1(self.attn(self.ln_1(x), attn_mask=attn_mask, is_causal=is_causal, cache=cache))
+        return x + self.ls_2(self.mlp(self.ln_2(x)))
+
+
+class CrossAttentionBlock(nn.Module):
+    """Pre-LN block attending to a context: x + attn(ln_1(x), ln_1_kv(context)), then x + mlp(ln_2(x)).
+
+    OpenCLIP's ``ResidualAttentionBlock(is_cross_attention=True)``, with the same parameter names.
+    """
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, ls_init_value: Optional[float] = None,
+                 act_layer: Callable[[], nn.Module] = nn.GELU, norm_layer: Type[nn.Module] = LayerNorm,
+                 device=None, dtype=None):
+        super().__init__()
+        self.ln_1 = norm_layer(width, device=device, dtype=dtype)
+        self.attn = CrossAttention(width, heads, device=device, dtype=dtype)
+        self.ls_1 = LayerScale(width, ls_init_value) if ls_init_value is not None else nn.Identity()
+        self.ln_1_kv = norm_layer(width, device=device, dtype=dtype)
+        self.ln_2 = norm_layer(width, device=device, dtype=dtype)
+        self.mlp = mlp(width, int(width * mlp_ratio), act_layer, device=device, dtype=dtype)
+        self.ls_2 = LayerScale(width, ls_init_value) if ls_init_value is not None else nn.Identity()
+
+    def project_context(self, context: torch.Tensor):
+        """The context's keys/values for ``forward(context_kv=...)``: computed once per image."""
+        return self.attn.project_context(self.ln_1_kv(context))
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None, context_kv=None,
+                rows_per_context: int = 1) -> torch.Tensor:
+        if context_kv is None:
+            context_kv = self.project_context(context)
+        x = x + self.ls_1(self.attn(self.ln_1(x), context_kv=context_kv, rows_per_context=rows_per_context))
         return x + self.ls_2(self.mlp(self.ln_2(x)))
 
 
@@ -137,24 +250,31 @@ class Transformer(nn.Module):
         ])
 
     def init_weights(self) -> None:
-        """OpenAI's init: residual-branch outputs scaled down with depth."""
-        proj_std = (self.width ** -0.5) * ((2 * self.layers) ** -0.5)
-        attn_std = self.width ** -0.5
-        fc_std = (2 * self.width) ** -0.5
-        for block in self.resblocks:
-            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
-            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
-            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        init_blocks(self.resblocks, self.width, self.layers)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False) -> torch.Tensor:
-        for block in self.resblocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
+                is_causal: bool = False, caches: Optional[List[KVCache]] = None) -> torch.Tensor:
+        """``caches`` (one per block) switches to incremental decoding: ``x`` is then the new positions."""
+        for i, block in enumerate(self.resblocks):
+            if caches is not None:
+                x = block(x, attn_mask=attn_mask, is_causal=is_causal, cache=caches[i])
+            elif self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
             else:
                 x = block(x, attn_mask=attn_mask, is_causal=is_causal)
         return x
+
+
+def init_blocks(blocks: Iterable[nn.Module], width: int, layers: int) -> None:
+    """OpenAI's init: residual-branch outputs scaled down with depth."""
+    proj_std = (width ** -0.5) * ((2 * layers) ** -0.5)
+    attn_std = width ** -0.5
+    fc_std = (2 * width) ** -0.5
+    for block in blocks:
+        nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+        nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+        nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+        nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
 
 
 class AttentionalPooler(nn.Module):

@@ -1,4 +1,9 @@
-"""CLIP's text tower: token + positional embedding, a transformer, final LN, pooling, projection."""
+"""CLIP's text tower: token + positional embedding, a transformer, final LN, pooling, projection.
+
+With ``embed_cls`` (CoCa) a learned CLS embedding is appended after the text: the contrastive
+feature is that position's output after ``ln_final``, the text tokens (without ``ln_final``) feed
+CoCa's decoder, and padding keys are masked with OpenCLIP's (shifted, "legacy") pad mask.
+"""
 from __future__ import annotations
 
 from typing import List, Optional, Tuple, Union
@@ -7,7 +12,7 @@ import torch
 from torch import nn
 
 from ..config import TextConfig
-from .layers import Transformer, activation, lock_groups, norm
+from .layers import KVCache, Transformer, activation, lock_groups, norm
 
 POOL_TYPES = ("argmax", "first", "last", "eos", "none")
 
@@ -17,8 +22,6 @@ class TextTransformer(nn.Module):
         super().__init__()
         if cfg.pool_type not in POOL_TYPES:
             raise ValueError(f"text pool_type must be one of {POOL_TYPES}, got {cfg.pool_type!r}")
-        if cfg.embed_cls:
-            raise ValueError("text towers with an appended CLS embedding (CoCa) are not supported")
         self.cfg = cfg
         self.context_length = cfg.context_length
         self.vocab_size = cfg.vocab_size
@@ -26,7 +29,9 @@ class TextTransformer(nn.Module):
         factory = dict(device=device, dtype=dtype)
         norm_layer = norm(cfg.norm_kwargs)
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width, **factory)
-        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width, **factory))
+        self.cls_emb = nn.Parameter(torch.empty(cfg.width, **factory)) if cfg.embed_cls else None
+        num_pos = cfg.context_length + (1 if cfg.embed_cls else 0)
+        self.positional_embedding = nn.Parameter(torch.empty(num_pos, cfg.width, **factory))
         self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.ls_init_value,
                                        activation(quick_gelu, cfg.act_kwargs), norm_layer, **factory)
         self.ln_final = norm_layer(cfg.width, **factory)
@@ -41,6 +46,8 @@ class TextTransformer(nn.Module):
     def init_weights(self) -> None:
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
+        if self.cls_emb is not None:
+            nn.init.normal_(self.cls_emb, std=0.01)
         self.transformer.init_weights()
         proj_std = self.cfg.width ** -0.5
         if isinstance(self.text_projection, nn.Linear):
@@ -59,7 +66,7 @@ class TextTransformer(nn.Module):
         """
         full = torch.full((text.shape[0],), text.shape[1], dtype=torch.long, device=text.device)
         index = self._pool_index(text)
-        if not self.cfg.causal or self.cfg.output_tokens or index is None:
+        if not self.cfg.causal or self.cfg.output_tokens or self.cls_emb is not None or index is None:
             return full
         return index + 1
 
@@ -102,11 +109,60 @@ class TextTransformer(nn.Module):
             return x[:, -1]
         return x
 
+    def _cls_forward(self, text: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(pooled [B, D] after ln_final, text tokens [B, L, D] without it) with the appended CLS."""
+        batch, seq = text.shape
+        if seq + 1 > self.positional_embedding.shape[0]:
+            raise ValueError(f"text has {seq} tokens but the model's context length is {self.context_length}")
+        x = self.token_embedding(text)  # [B, L, D]
+        x = torch.cat([x, self.cls_emb.to(x.dtype).view(1, 1, -1).expand(batch, -1, -1)], dim=1)  # [B, L+1, D]
+        x = x + self.positional_embedding[:seq + 1].to(x.dtype)
+        causal = torch.ones(seq + 1, seq + 1, dtype=torch.bool, device=text.device)
+        causal = causal.tril() if self.cfg.causal else causal
+        mask = causal & self.key_valid(text, cls=True)[:, None, None, :]  # [B, 1, L+1, L+1]
+        x = self.transformer(x, attn_mask=mask)
+        return self.ln_final(x[:, -1]), x[:, :-1]
+
+    def key_valid(self, text: torch.Tensor, cls: bool = False,
+                  previous: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[B, L (+1 with ``cls``)] which positions may be attended to, as OpenCLIP's CoCa computes it.
+
+        OpenCLIP builds the pad mask with the CLS column prepended instead of appended (its
+        ``correct_cls_mask=False``, which all published CoCa weights were trained with): position
+        ``p`` is masked when token ``p - 1`` is padding, position 0 never. ``previous`` [B] is the
+        token before ``text`` when ``text`` continues a sequence (incremental decoding).
+        """
+        valid = text != self.cfg.pad_id  # [B, L]
+        first = (previous != self.cfg.pad_id)[:, None] if previous is not None else valid.new_ones(len(text), 1)
+        return torch.cat([first, valid] if cls else [first, valid[:, :-1]], dim=1)
+
+    def decode_step(self, text: torch.Tensor, previous: Optional[torch.Tensor], caches: List[KVCache],
+                    key_valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Text tokens (as ``forward``'s, without the CLS) of new positions, attending to cached ones.
+
+        ``text`` [R, n] continues the sequences whose keys ``caches`` hold (``previous`` [R]: their
+        last token, None at the start) and ``key_valid`` [R, past] says which of those may be
+        attended to. Returns (tokens [R, n, D], key_valid [R, past + n]). The CLS position is left
+        out: with the causal mask no text position sees it, so the tokens are exact.
+        """
+        if self.cls_emb is None or not self.cfg.causal:
+            raise ValueError("incremental decoding needs a causal text tower with a CLS embedding (CoCa)")
+        past, n = caches[0].length if caches else 0, text.shape[1]
+        x = self.token_embedding(text)  # [R, n, D]
+        x = x + self.positional_embedding[past:past + n].to(x.dtype)
+        key_valid = torch.cat([key_valid, self.key_valid(text, previous=previous)], dim=1)  # [R, past + n]
+        causal = torch.ones(n, past + n, dtype=torch.bool, device=text.device).tril(past)  # [n, past + n]
+        mask = causal & key_valid[:, None, None, :]  # [R, 1, n, past + n]
+        return self.transformer(x, attn_mask=mask, caches=caches), key_valid
+
     def forward(self, text: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-        if not self.cfg.output_tokens:
-            text = self._trim(text)
-        tokens = self.forward_features(text)
-        pooled = self.pool(tokens, text)
+        if self.cls_emb is not None:
+            pooled, tokens = self._cls_forward(text)
+        else:
+            if not self.cfg.output_tokens:
+                text = self._trim(text)
+            tokens = self.forward_features(text)
+            pooled = self.pool(tokens, text)
         # Casts are no-ops in fp32; they let bf16 inference keep the projection in fp32.
         if isinstance(self.text_projection, nn.Linear):
             pooled = self.text_projection(pooled.to(self.text_projection.weight.dtype))
@@ -118,10 +174,11 @@ class TextTransformer(nn.Module):
         self.transformer.grad_checkpointing = enable
 
     def no_weight_decay(self) -> set:
-        return {"positional_embedding"}
+        return {"positional_embedding"} | ({"cls_emb"} if self.cls_emb is not None else set())
 
     def param_groups_for_lock(self) -> List[list]:
         embed = [self.token_embedding.weight, self.positional_embedding]
+        embed += [self.cls_emb] if self.cls_emb is not None else []
         blocks = [list(b.parameters()) for b in self.transformer.resblocks]
         proj = self.text_projection
         head = list(self.ln_final.parameters()) + (list(proj.parameters()) if isinstance(proj, nn.Module)

@@ -68,8 +68,16 @@ def get_pretrained_cfg(model: str, tag: str) -> PretrainedTag:
 
 
 def pretrained_rows(model: Optional[str] = None) -> List[Tuple[str, str, str, str]]:
-    """(model, tag, QuickGELU, sources) for each known tag, optionally of one model."""
+    """(model, tag, QuickGELU, sources) for each known tag, optionally of one model.
+
+    An unknown ``model`` raises ValueError with the closest registered names (a typo must not
+    look like a model without tags).
+    """
     reg = _registry()
+    if model and model not in reg:
+        from ..models.registry import get_model_config
+
+        get_model_config(model)  # raises for an unknown name, suggesting close ones
     models: Iterable[str] = [model] if model else reg
     return [(m, t.tag, "quick_gelu" if t.quick_gelu else "", " ".join(t.sources))
             for m in models for t in reg.get(m, {}).values()]

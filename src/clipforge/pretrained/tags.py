@@ -175,3 +175,7 @@ _TAGS += [_hub(m, "webli", "timm/" + _SIGLIP_REPOS.get(m, m), **_SIGLIP) for m i
     ViT-SO400M-14-SigLIP2 ViT-SO400M-14-SigLIP2-378 ViT-SO400M-16-SigLIP2-256 ViT-SO400M-16-SigLIP2-384
     ViT-SO400M-16-SigLIP2-512 ViT-gopt-16-SigLIP2-256 ViT-gopt-16-SigLIP2-384""".split()]
 
+# CoCa (LAION-2B; the mscoco_finetuned tags were then fine-tuned on COCO captions): OpenAI preprocessing.
+_TAGS += [_hub(m, tag, f"laion/{prefix}CoCa-{arch}-laion2B-s13B-b90k")
+          for m, arch in (("coca_ViT-B-32", "ViT-B-32"), ("coca_ViT-L-14", "ViT-L-14"))
+          for tag, prefix in (("laion2b_s13b_b90k", ""), ("mscoco_finetuned_laion2b_s13b_b90k", "mscoco_finetuned_"))]

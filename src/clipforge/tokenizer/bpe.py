@@ -257,13 +257,22 @@ class CLIPTokenizer:
         """Token ids of ``text`` after cleaning, without start/end tokens."""
         return list(self._encode_ids(text))
 
-    def decode(self, ids: Iterable[int]) -> str:
-        """Ids back to text; each word end becomes a space (so the output ends with one)."""
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """Ids back to text; each word end becomes a space (so the output ends with one).
+
+        With ``skip_special_tokens`` (the default) the text is cut at the first end-of-text token
+        and start-of-text tokens are dropped, the rule OpenCLIP's CoCa examples apply to
+        ``generate``'s output (``decode(t).split("<end_of_text>")[0].replace("<start_of_text>", "")``),
+        so the padding after a caption's end is gone too.
+        """
         if hasattr(ids, "tolist"):  # tensors and arrays
             ids = ids.tolist()
         symbols = "".join(self._decoder[int(i)] for i in ids)
         raw = bytes(self._byte_decoder[c] for c in symbols)
-        return raw.decode("utf-8", errors="replace").replace(_END_OF_WORD, " ")
+        text = raw.decode("utf-8", errors="replace").replace(_END_OF_WORD, " ")
+        if skip_special_tokens:
+            text = text.split(EOT_TOKEN)[0].replace(SOT_TOKEN, "")
+        return text
 
     def __call__(self, texts: TextInput, context_length: Optional[int] = None) -> torch.Tensor:
         """Rows of [SOT, ids..., EOT, 0...]; too-long texts are cut with EOT kept as last token."""

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import List
 
-from ..atomic import PathLike, atomic_write, write_text
+from ..atomic import TAG, PathLike, atomic_write, write_text
 from .bpe import byte_to_unicode, read_merges
 
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"  # transformers' names for CLIP's special tokens
@@ -43,7 +43,9 @@ def copy_hf_tokenizer(source: PathLike, path: PathLike) -> List[Path]:
 
     tokenizer = _load_auto_tokenizer(str(source), cache_dir=None)
     written = []
-    with tempfile.TemporaryDirectory() as tmp:
+    Path(path).mkdir(parents=True, exist_ok=True)
+    # Staged inside ``path`` under a name clipforge.atomic.cleanup_stale recognises, so a kill leaks nothing.
+    with tempfile.TemporaryDirectory(prefix=f".tokenizer.{TAG}", suffix=".tmp", dir=path) as tmp:
         tokenizer.save_pretrained(tmp)
         for file in sorted(Path(tmp).iterdir()):
             if file.is_file():

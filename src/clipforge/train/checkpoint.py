@@ -3,11 +3,19 @@
 A checkpoint holds the model (``state_dict``, OpenCLIP's key, so ``open_clip`` reads it too), the
 optimizer and grad-scaler state, the step and data position, the run config, the model config and
 every rank's RNG states: enough to continue a killed run as if it had never stopped.
+
+A kill at any moment leaves at most ``keep_last`` complete checkpoints (the oldest is dropped just
+before the new one is renamed into place) plus, perhaps, a temporary that the next run removes
+(:func:`prepare_checkpoint_dir`). ``resume="latest"`` falls back from a corrupt newest checkpoint
+to the newest one that loads, and says which it skipped and why.
 """
 from __future__ import annotations
 
+import os
 import random
 import re
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -16,7 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..checkpoints.io import read_checkpoint, save_torch
+from ..atomic import atomic_write, cleanup_stale
+from ..checkpoints.io import CheckpointError, read_checkpoint, tensor_bytes
 
 CHECKPOINT_DIR = "checkpoints"
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
@@ -100,30 +109,101 @@ def list_checkpoints(run_dir: Path) -> List[Path]:
     return [p for _, p in sorted(found)]
 
 
-def save_checkpoint(state: Dict[str, Any], run_dir: Path, keep_last: int) -> Path:
-    """Write ``state`` atomically as ``checkpoints/step_N.pt``, then drop all but the newest ``keep_last``."""
-    path = checkpoint_path(run_dir, state["step"])
-    save_torch(state, path)
-    for old in list_checkpoints(run_dir)[:-keep_last]:
+def _prune(run_dir: Path, keep: int, besides: Optional[Path] = None) -> None:
+    """Delete all but the newest ``keep`` checkpoints (not counting ``besides``)."""
+    found = [p for p in list_checkpoints(run_dir) if p != besides]
+    for old in found[:max(len(found) - keep, 0)]:
         old.unlink(missing_ok=True)
+
+
+def prepare_checkpoint_dir(run_dir: Path, keep_last: int) -> List[Path]:
+    """At the start of a run: remove temporaries a killed run left, and checkpoints beyond ``keep_last``.
+
+    Returns the temporaries removed (only clipforge's own, by name, and only unlocked ones).
+    """
+    removed = cleanup_stale(Path(run_dir) / CHECKPOINT_DIR) + cleanup_stale(run_dir)
+    _prune(run_dir, keep_last)
+    return removed
+
+
+def save_checkpoint(state: Dict[str, Any], run_dir: Path, keep_last: int) -> Path:
+    """Write ``state`` atomically as ``checkpoints/step_N.pt``, keeping the newest ``keep_last``.
+
+    The oldest checkpoints are deleted once the new file is complete and fsynced but before it is
+    renamed into place, so no moment (and no kill) sees more than ``keep_last``, and at least one
+    complete checkpoint is always on disk: with ``keep_last=1`` the old one goes just after the
+    rename instead (a kill in between leaves two; the next run prunes one). A failed write (a full
+    disk: :class:`~clipforge.atomic.NoSpaceError`) deletes nothing.
+    """
+    path = checkpoint_path(run_dir, state["step"])
+
+    def write(tmp: str) -> None:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        _prune(run_dir, max(keep_last - 1, 1), besides=path)
+
+    atomic_write(path, write, size_hint=tensor_bytes(state))
+    _prune(run_dir, keep_last)
     return path
 
 
-def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
-    """``"latest"``: the run's newest checkpoint, or None for a fresh start; else the named file."""
+@dataclass
+class ResumePoint:
+    """Where a run continues from: the checkpoint read (None: a fresh start) and what was passed over."""
+
+    path: Optional[Path] = None
+    state: Optional[Dict[str, Any]] = None
+    notes: List[str] = field(default_factory=list)  # skipped checkpoints and why, a fresh start, ...
+
+
+RESUME_LATEST, RESUME_MUST = "latest", "must"
+
+
+def find_resume(resume: Optional[str], run_dir: Path) -> ResumePoint:
+    """The checkpoint to continue from, read; warns about everything it had to decide.
+
+    ``"latest"``: the newest checkpoint of the run that loads, trying newest to oldest (a corrupt or
+    truncated one is skipped, with a warning saying which and why); none at all starts fresh, with a
+    warning. ``"must"``: the same, but no checkpoint is an error. Anything else is a checkpoint path.
+    All checkpoints present but unreadable is an error either way (a fresh start would discard the run).
+    """
     if resume is None:
-        return None
-    if resume == "latest":
-        found = list_checkpoints(run_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not path.is_file():
-        raise FileNotFoundError(f"resume={resume!r}: no such checkpoint file")
-    return path
+        return ResumePoint()
+    if resume not in (RESUME_LATEST, RESUME_MUST):
+        path = Path(resume)
+        if not path.is_file():
+            raise FileNotFoundError(f"resume={resume!r}: no such checkpoint file")
+        return ResumePoint(path, read_training_checkpoint(path))
+    found = list_checkpoints(run_dir)
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not found:
+        if resume == RESUME_MUST:
+            raise FileNotFoundError(f"resume=must: no checkpoint in {folder} (step_*.pt); use resume=latest "
+                                    f"to start fresh when there is none")
+        note = f"resume=latest: no checkpoint in {folder}; starting a fresh run"
+        warnings.warn(note, stacklevel=2)
+        return ResumePoint(notes=[note])
+    notes = []
+    for path in reversed(found):
+        try:
+            state = read_training_checkpoint(path)
+        except (CheckpointError, ValueError, RuntimeError, EOFError, OSError) as e:
+            note = f"resume={resume}: skipped {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            warnings.warn(note, stacklevel=2)
+            notes.append(note)
+            continue
+        if notes:
+            notes.append(f"resume={resume}: continuing from {path}")
+        return ResumePoint(path, state, notes)
+    raise CheckpointError(f"resume={resume}: none of the {len(found)} checkpoints in {folder} loads: "
+                          + "; ".join(notes))
 
 
 def read_training_checkpoint(path: Path) -> Dict[str, Any]:
     state = read_checkpoint(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a clipforge training checkpoint (a {type(state).__name__})")
     missing = [k for k in ("state_dict", "optimizer", "step", "epoch", "batch") if k not in state]
     if missing:
         raise ValueError(f"{path}: not a clipforge training checkpoint (missing {missing}); "

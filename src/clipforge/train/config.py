@@ -28,7 +28,7 @@ from ..precision import check_precision
 from ..transforms import AugmentationConfig
 
 SCHEDULES = ("cosine", "const", "const-cooldown")
-LOSSES = ("auto", "clip", "siglip")
+LOSSES = ("auto", "clip", "siglip", "coca")
 
 
 @dataclass
@@ -98,7 +98,7 @@ class LossSettings:
     """
 
     kind: str = "auto"
-    """auto: the loss follows the model (sigmoid for a model with a logit bias, i.e. SigLIP, else InfoNCE) | clip (InfoNCE) | siglip (sigmoid; the model needs init_logit_bias)"""
+    """auto: the loss follows the model (CoCa loss for a CoCa, sigmoid for a model with a logit bias, i.e. SigLIP, else InfoNCE) | coca | clip (InfoNCE) | siglip (sigmoid; the model needs init_logit_bias)"""
     local_loss: bool = True
     """InfoNCE: score this rank's rows only, against the gathered features"""
     gather_with_grad: bool = True
@@ -178,13 +178,14 @@ class TrainConfig:
     name: str = "train"
     """the run folder is output_dir/name"""
     resume: Optional[str] = None
-    """latest (this run's newest checkpoint) or a checkpoint path"""
+    """latest (this run's newest checkpoint that loads; none: start fresh, with a warning), must (the same,
+    but none is an error) or a checkpoint path"""
     save_every_n_steps: Optional[int] = None
     """also checkpoint every N optimizer steps"""
     save_every_n_epochs: int = 1
     """checkpoint every N epochs"""
     keep_last: int = 2
-    """step checkpoints kept; epoch checkpoints and the final model are always kept"""
+    """checkpoints kept (the newest; a kill never leaves more); the final model is always kept"""
     log_every_n_steps: int = 10
     """metrics.jsonl row every N optimizer steps"""
     tensorboard: bool = False

@@ -2,6 +2,7 @@
 
 ``metrics.jsonl`` is the source of truth: plots are redrawn from it, and on resume the rows
 written after the checkpoint's step are dropped so the file reads as one uninterrupted run.
+``skipped.jsonl`` lists every skipped sample (step, file, source row, reason), resumed the same way.
 """
 from __future__ import annotations
 
@@ -11,17 +12,20 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 METRICS_FILE = "metrics.jsonl"
+SKIPPED_FILE = "skipped.jsonl"
 
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, tensorboard: bool = False, wandb: bool = False,
                  wandb_project: str = "clipforge", config: Optional[dict] = None, resume_step: Optional[int] = None):
         self.path = Path(run_dir) / METRICS_FILE
+        self.skipped_path = Path(run_dir) / SKIPPED_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            self.path.write_text("")
-        else:
-            truncate_after(self.path, resume_step)
+        for path in (self.path, self.skipped_path):
+            if resume_step is None:
+                path.write_text("")
+            else:
+                truncate_after(path, resume_step)
         self._tb = self._wandb = None
         if tensorboard:
             try:
@@ -47,6 +51,13 @@ class MetricsLogger:
                 self._tb.add_scalar(k, v, step)
         if self._wandb is not None:
             self._wandb.log(numbers, step=step)
+
+    def log_skipped(self, step: int, samples) -> None:
+        """One ``skipped.jsonl`` row per skipped sample (``BrokenSample``) met while assembling ``step``."""
+        with open(self.skipped_path, "a") as f:
+            for s in samples:
+                f.write(json.dumps({"step": step, "file": s.path, "source": getattr(s, "source", ""),
+                                    "reason": s.reason}) + "\n")
 
     def close(self) -> None:
         if self._tb is not None:

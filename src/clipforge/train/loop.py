@@ -12,20 +12,24 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from tqdm import tqdm
 
+from ..atomic import write_text
+from ..checkpoints.io import CheckpointError
+from ..checkpoints.load import load_state_dict_into
 from ..checkpoints.openclip_hub import save_openclip_dir
 from ..config import CLIPConfig, PreprocessConfig
 from ..data.loader import build_train_loader
 from ..data.robust import DataError
 from ..factory import create_model, get_tokenizer, preprocess_config
-from ..loss import ClipLoss, SigLipLoss
+from ..loss import ClipLoss, CoCaLoss, SigLipLoss
+from ..models import build_model as build_architecture
 from ..models.clip import CLIP
 from ..transforms import image_transform
-from .checkpoint import (gather_rng_states, list_checkpoints, load_optimizer_state, model_state, optimizer_state,
-                         read_training_checkpoint, resolve_resume, save_checkpoint, set_rng_state)
+from .checkpoint import (find_resume, gather_rng_states, list_checkpoints, load_optimizer_state, model_state,
+                         optimizer_state, prepare_checkpoint_dir, save_checkpoint, set_rng_state)
 from .config import LossSettings, ModelSettings, TrainConfig, save_config
 from .distributed import (DistInfo, all_reduce_mean, barrier, clip_grad_norm, init_distributed, replicated_params,
                           shutdown_distributed, sync_replicated_grads, unwrap, wrap_model)
-from .logger import MetricsLogger, plot_metrics
+from .logger import SKIPPED_FILE, MetricsLogger, plot_metrics
 from .optim import build_optimizer, lr_at, set_lr
 from .step import forward_backward
 from .validate import build_val_loader, validate
@@ -58,17 +62,20 @@ def model_source(cfg: ModelSettings):
     return cfg.name
 
 
-def build_model(cfg: ModelSettings, resumed: Optional[Dict[str, Any]] = None) -> CLIP:
+def build_model(cfg: ModelSettings, resumed: Optional[Dict[str, Any]] = None, source: str = "checkpoint") -> CLIP:
     """The model with its starting weights, locked towers and checkpointing applied.
 
     Fresh runs build what the settings name (fetching ``pretrained``); a resumed run builds the
-    architecture its checkpoint records (``model_config``) and loads its weights, fetching nothing.
+    architecture its checkpoint records (``model_config``) and loads its weights, fetching nothing;
+    weights that do not fit that architecture raise naming ``source`` and the keys and shapes.
     Patch dropout is set on the config before the model is built, so it is part of ``model.cfg``.
     """
     overrides = {"vision_cfg": {"patch_dropout": cfg.patch_dropout}} if cfg.patch_dropout is not None else None
     if resumed is not None:
-        model = CLIP(CLIPConfig.from_dict(resumed["model_config"]))
-        model.load_state_dict(resumed["state_dict"])
+        if not resumed.get("model_config"):
+            raise CheckpointError(f"{source}: no model_config recorded; not a clipforge training checkpoint")
+        model = build_architecture(CLIPConfig.from_dict(resumed["model_config"]))
+        load_state_dict_into(model, resumed["state_dict"], source=source)
         model.preprocess_cfg = PreprocessConfig.from_dict(resumed["preprocess_config"]) \
             if resumed.get("preprocess_config") else None
     else:
@@ -100,9 +107,15 @@ def resolve_loss_kind(requested: Optional[str], model: CLIP) -> Tuple[str, Optio
     """(loss kind, a warning or None): the loss follows the model unless the settings name one.
 
     A model with a logit bias (``init_logit_bias``: SigLIP) trains with the sigmoid loss, any other with
-    InfoNCE. Naming the other loss explicitly is allowed but said loudly; SigLIP's loss without a bias
-    parameter cannot work and is refused.
+    InfoNCE, a captioning model (CoCa) with the CoCa loss (InfoNCE + captioning cross-entropy). Naming
+    the other contrastive loss explicitly is allowed but said loudly; SigLIP's loss without a bias
+    parameter cannot work and is refused, as is any other loss for a CoCa.
     """
+    if model.cfg.model_kind == "coca":
+        if requested not in (None, "auto", "coca"):
+            raise ValueError(f"loss.kind={requested}: a CoCa model trains with the CoCa loss "
+                             "(contrastive + captioning); use loss.kind=auto")
+        return "coca", None
     natural = "siglip" if model.logit_bias is not None else "clip"
     if requested in (None, "auto"):
         return natural, None
@@ -117,6 +130,9 @@ def resolve_loss_kind(requested: Optional[str], model: CLIP) -> Tuple[str, Optio
 
 
 def build_loss(kind: str, cfg: LossSettings, info: DistInfo) -> torch.nn.Module:
+    if kind == "coca":
+        return CoCaLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad, cache_labels=True,
+                        rank=info.rank, world_size=info.world_size, chunk_size=cfg.chunk_size)
     if kind == "siglip":
         return SigLipLoss(rank=info.rank, world_size=info.world_size, dist_impl=cfg.siglip_dist_impl)
     return ClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad, cache_labels=True,
@@ -155,8 +171,14 @@ class Trainer:
         if cfg.precision == "fp16" and info.device.type != "cuda":
             raise ValueError("precision fp16 needs a GPU (a grad scaler over fp16 autocast); use bf16 on the CPU")
         self.run_dir = cfg.run_dir
-        resume_path = resolve_resume(cfg.resume, self.run_dir)
-        resumed = read_training_checkpoint(resume_path) if resume_path else None
+        if info.is_main:  # what a killed run left: temporaries, a checkpoint beyond keep_last
+            prepare_checkpoint_dir(self.run_dir, cfg.keep_last)
+        barrier(info)
+        with warnings.catch_warnings():
+            if not info.is_main:
+                warnings.simplefilter("ignore")  # rank 0 says it once
+            point = find_resume(cfg.resume, self.run_dir)
+        resume_path, resumed = point.path, point.state
         if resumed is not None:
             mismatches = resume_mismatches(resumed.get("config"), cfg)
             if mismatches:
@@ -164,7 +186,7 @@ class Trainer:
                                  + "; ".join(mismatches) + ". A resumed run continues the model its checkpoint "
                                  "records: restore these settings, or start a new run (another name/output_dir)")
         seed_everything(cfg.seed)  # the same initial weights on every rank (FSDP2 does not broadcast them)
-        model = build_model(cfg.model, resumed)
+        model = build_model(cfg.model, resumed, source=str(resume_path))
         seed_everything(cfg.seed + info.rank)  # then per-rank streams for augmentation and patch dropout
         self.model = model.to(info.device)
         self.tokenizer = get_tokenizer(model.cfg if resumed is not None else model_source(cfg.model))
@@ -189,13 +211,13 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
         self.loss_kind, loss_warning = resolve_loss_kind(cfg.loss.kind, self.model)
-        self.notes: List[str] = [loss_warning] if loss_warning else []
+        self.notes: List[str] = point.notes + ([loss_warning] if loss_warning else [])
         if loss_warning and info.is_main:
             warnings.warn(loss_warning, stacklevel=2)
         self.loss_fn = build_loss(self.loss_kind, cfg.loss, info)
         self.step = self.epoch = self.batch_in_epoch = 0
         if resumed is not None:
-            self._restore(resumed)
+            self._restore(resumed, resume_path)
         self.val_loader = build_val_loader(cfg.val, image_transform(pp, False)) if cfg.val.data else None
         self.logger = None
         if info.is_main:
@@ -203,12 +225,21 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
             self.logger = MetricsLogger(self.run_dir, cfg.tensorboard, cfg.wandb, cfg.wandb_project,
                                         cfg.to_dict(), resume_step=self.step if resumed is not None else None)
+            if point.notes:
+                self.logger.log({"kind": "resume", "step": self.step, "checkpoint": str(resume_path) if resume_path else None,
+                                 "notes": point.notes})
+            # Every skipped sample (file, row, reason), not only the first few: skipped.jsonl.
+            self.loader.stats.sink = lambda samples: self.logger.log_skipped(self.step + 1, samples)
         self.last_saved_step: Optional[int] = self.step if resumed is not None else None
         self.last_val: Dict[str, float] = {}
         self.last_val_step: Optional[int] = None  # on every rank, so all ranks take the same branches
 
-    def _restore(self, state: Dict[str, Any]) -> None:
-        load_optimizer_state(self.optimizer, state["optimizer"])
+    def _restore(self, state: Dict[str, Any], path: Path) -> None:
+        try:
+            load_optimizer_state(self.optimizer, state["optimizer"])
+        except (ValueError, RuntimeError, KeyError, IndexError) as e:
+            raise CheckpointError(f"{path}: its optimizer state does not fit this run's optimizer ({e}); were "
+                                  f"model.lock_* or optim settings changed since it was written?") from e
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch"]
@@ -350,15 +381,17 @@ class Trainer:
                                    "data": self.loader.stats.state_dict(), "val": self.last_val,
                                    "loss_kind": self.loss_kind, "notes": self.notes,
                                    "data_summary": self.loader.stats.summary(), "final": str(self.run_dir / "final")}
+        if self.loader.stats.skipped:
+            summary["data_summary"] += f" (every skipped sample of rank 0: {self.run_dir / SKIPPED_FILE})"
         state = model_state(self.model) if self.cfg.distributed == "fsdp" and self.info.distributed else None
         if self.info.is_main:
             export = unwrap(self.model)
             if state is not None:
-                export = CLIP(self.model.cfg)
+                export = build_architecture(self.model.cfg)
                 export.load_state_dict(state)
             save_openclip_dir(export, self.run_dir / "final", preprocess_cfg=self.preprocess)
             plot_metrics(self.run_dir)
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             if self.logger is not None:
                 self.logger.close()
         barrier(self.info)

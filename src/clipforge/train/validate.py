@@ -3,6 +3,9 @@
 Images and captions are encoded once per evaluation (by the evaluation module); the validation
 loss is then computed from those embeddings, pairing each image with its first caption, in
 batches of ``val.batch_size`` pairs (the loss depends on the batch size, so it is fixed).
+A captioning model (CoCa) also writes a caption per validation image with its ``generate``
+(OpenCLIP's defaults) and reports clip_benchmark's caption metrics against all of the image's
+captions, as ``caption_Bleu_4``, ``caption_CIDEr``, ...
 """
 from __future__ import annotations
 
@@ -12,10 +15,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data.loader import DataConfig, caption_groups
+from ..evaluate.captioning import can_generate, evaluate_captioning
 from ..evaluate.datasets import CaptionedImages, captions_collate
 from ..evaluate.metrics import retrieval_metrics
 from ..evaluate.retrieval import retrieval_embeddings
 from ..loss import ClipLoss, SigLipLoss
+from ..models.generation import max_sequence_length
 from .config import ValSettings
 
 
@@ -31,7 +36,8 @@ def build_val_loader(cfg: ValSettings, transform: Callable) -> DataLoader:
 def validate(model: torch.nn.Module, tokenizer: Callable, loader: DataLoader, batch_size: int,
              loss_kind: str, device: torch.device, progress: bool = False,
              precision: str = "fp32") -> Dict[str, float]:
-    """``val_loss`` plus clip_benchmark's retrieval metrics (``image_retrieval_recall@k`` ...).
+    """``val_loss`` plus clip_benchmark's retrieval metrics (``image_retrieval_recall@k`` ...), and
+    for captioning models its caption metrics (``caption_CIDEr`` ...).
 
     The embeddings are computed under ``autocast(precision)`` (:mod:`clipforge.precision`); the
     default fp32 keeps validation exact whatever precision training runs in.
@@ -57,6 +63,12 @@ def validate(model: torch.nn.Module, tokenizer: Callable, loader: DataLoader, ba
             total += loss_fn(img, txt, scale, bias).item() * len(img)
             pairs += len(img)
         metrics["val_loss"] = total / max(pairs, 1)
+        if can_generate(model):
+            # OpenCLIP's defaults, within the model's text context (tiny test models have short ones)
+            seq_len = min(30, max_sequence_length(model))
+            captions = evaluate_captioning(model, tokenizer, loader, device, precision, use_tqdm=progress,
+                                           seq_len=seq_len, min_seq_len=min(5, seq_len - 1))
+            metrics.update({f"caption_{k}": v for k, v in captions.items()})
     finally:
         model.train(was_training)
     return {k: float(v) for k, v in metrics.items()}
