@@ -321,8 +321,11 @@ def test_full_disk_during_convert_and_shards_keeps_previous_outputs(tmp_path):
         assert _same_weights(load_any(fs / "hf")[0], _tiny_model(0, vocab_size=49408)) and _temporaries(fs) == []
         TALLY["full disk"]["injections"] += 1
         tiny, big = tmp_path / "tiny.png", tmp_path / "big.png"
-        tiny.write_bytes(b"\x89PNG" + bytes(100))
-        big.write_bytes(b"\x89PNG" + os.urandom(4_000_000))
+        from PIL import Image  # real PNGs: write_shards decodes what it writes
+
+        Image.new("RGB", (4, 4)).save(tiny)
+        noise = torch.randint(0, 256, (1200, 1200, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        Image.fromarray(noise.numpy()).save(big)  # ~4.3 MB: noise does not compress
         write_shards([(tiny, "small")], fs / "shards")
         with pytest.raises(NoSpaceError, match="no space left on tmpfs"):
             write_shards([(big, "big one"), (big, "again")], fs / "shards")  # 8 MB: more than is left

@@ -215,7 +215,11 @@ def load_image(
     formats and smaller JPEGs decode in full. This is a speed/exactness trade-off: DCT scaling is
     not PIL's bicubic filter, so the final tensor is close to, but not bit-identical with, the one
     from a full decode (and OpenCLIP). It is therefore off by default. The RGB conversion also
-    happens before any resize here, which differs from OpenCLIP only for images with alpha.
+    happens before any resize here, which differs from OpenCLIP's ``preprocess(Image.open(p))`` for
+    images whose mode PIL resizes differently: alpha (RGBA, premultiplied), palette ("P", nearest
+    neighbour) and 16-bit grey ("I;16", whose values above 255 the conversion clips to white, as
+    PIL and OpenCLIP both do). RGB, grey "L", CMYK and 1x1 images give OpenCLIP's tensor exactly;
+    EXIF orientation is not applied, as in OpenCLIP (tests/test_bad_inputs.py checks all of these).
     """
     is_bytes = isinstance(source, (bytes, bytearray))
     try:

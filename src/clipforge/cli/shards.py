@@ -31,6 +31,6 @@ def main(input_path: str, out_dir: str, kind: str = "auto", img_key: str = "file
     res = write_shards(records, out_dir, max_count_per_shard, prefix)
     print(f"wrote {res.n_written} samples in {len(res.shard_paths)} shards to {out_dir} "
           f"({len(res.skipped)} skipped); train_data: {res.url_pattern}")
-    for s in res.skipped[:5]:
+    for s in res.skipped:
         print(f"  skipped {s.path}: {s.reason}")
     return 0

@@ -8,6 +8,7 @@ where a broken training image only becomes a :class:`BrokenSample` to be skipped
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import re
@@ -41,6 +42,16 @@ CAPTION_KINDS = ("csv", "tsv", "coco", "jsonl", "auto")
 _KIND_BY_SUFFIX = {".csv": "csv", ".tsv": "csv", ".tab": "csv", ".jsonl": "jsonl", ".json": "coco"}
 
 
+@contextlib.contextmanager
+def utf8_text(path: PathLike):
+    """Reading ``path`` as UTF-8: a byte that is not UTF-8 raises a DataError naming the file."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason}, byte {e.object[e.start:e.start + 1]!r}); "
+                        f"save it as UTF-8") from None
+
+
 def resolve_path(root: Path, p: str) -> Path:
     """``p`` itself when absolute (``~`` expanded), else relative to ``root``."""
     q = Path(p).expanduser()
@@ -63,7 +74,7 @@ def table_separator(path: PathLike, sep: Optional[str] = None) -> str:
         return "\t"
     if suffix == ".csv":
         return ","
-    with open(path, encoding="utf-8") as f:
+    with utf8_text(path), open(path, encoding="utf-8") as f:
         header = f.readline().rstrip("\r\n")
     tabs, commas = header.count("\t"), header.count(",")
     if tabs and not commas:
@@ -85,7 +96,7 @@ def read_table(path: PathLike, columns: Sequence[str], sep: Optional[str] = None
     sep = table_separator(path, sep)
     quoting = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL
     rows = []
-    with open(path, newline="", encoding="utf-8") as f:
+    with utf8_text(path), open(path, newline="", encoding="utf-8") as f:
         reader = csv.reader(f, delimiter=sep, quoting=quoting)
         try:
             header = next(reader)
@@ -121,7 +132,7 @@ def table_header(path: PathLike, sep: Optional[str] = None) -> List[str]:
     """The column names of a header-first table (separator by :func:`table_separator`)."""
     path = Path(path)
     sep = table_separator(path, sep)
-    with open(path, newline="", encoding="utf-8") as f:
+    with utf8_text(path), open(path, newline="", encoding="utf-8") as f:
         line = f.readline()
     if not line.strip():
         raise DataError(f"{path}: empty file, expected a header row")
@@ -177,7 +188,8 @@ def read_coco_records(path: PathLike, image_root: Optional[PathLike] = None) -> 
     """One record per caption (stripped of surrounding white space), in annotation order."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        with utf8_text(path):
+            data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
     for key in ("images", "annotations"):
@@ -208,7 +220,7 @@ def read_jsonl_records(
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     records = []
-    with open(path, encoding="utf-8") as f:
+    with utf8_text(path), open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterable, List, Optional, Tuple, Union
 
 from ..atomic import atomic_directory, cleanup_stale, no_space_error, write_text
+from ..transforms import load_image
 from .captions import CaptionRecord
 from .robust import BrokenSample, describe_exception
 
@@ -113,6 +114,7 @@ def _write_into(samples, out: Path, max_count_per_shard: int, prefix: str, key_d
             try:
                 data = bytes(src) if isinstance(src, (bytes, bytearray)) else Path(src).read_bytes()
                 ext = image_ext(src, data)
+                load_image(data)  # bytes that do not decode are not written (a reader would only skip them)
             except Exception as e:  # missing file / unknown format: skip, keep going
                 res.skipped.append(BrokenSample(name, describe_exception(e)))
                 continue
