@@ -167,3 +167,115 @@ def test_cli_filter(pairs, model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("kept ") and "of 27 pairs (14 images)" in proc.stdout
     assert (tmp_path / "kept.report.json").is_file() and (tmp_path / "kept.scores.png").is_file()
+
+
+def _tar(path, members):
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _tar_samples(path):
+    """(key, {ext: bytes}) of a tar in member order, read with tarfile (not webdataset)."""
+    import tarfile
+
+    samples = {}
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            key, ext = m.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return list(samples.items())
+
+
+@pytest.fixture(scope="module")
+def shard_set(pairs):
+    """Three shards of generated images (one an exact copy of another), and a hand-made tar with a
+    broken image, an image without caption, one with an empty caption and one good sample."""
+    from clipforge.data.shards import write_shards
+
+    root = pairs.parent
+    records = [r for r in read_caption_file(pairs) if r.caption.strip() and r.path.name != "broken.jpg"][::2]
+    records.append(records[3]._replace(caption="another view of the same picture"))  # same image bytes again
+    res = write_shards(records, root / "shards", max_count_per_shard=5)
+    assert len(res.shard_paths) == 3
+    good = (root / "images/007.jpg").read_bytes()
+    _tar(root / "extra.tar", [("a.jpg", b"not a jpeg"), ("a.txt", b"a broken file"), ("b.jpg", good),
+                              ("c.jpg", good), ("c.txt", b"  "), ("d.jpg", (root / "images/010.jpg").read_bytes()),
+                              ("d.txt", b"a blue square")])
+    return f"{root}/shards/shard-{{000000..000002}}.tar::{root}/extra.tar", [*res.shard_paths, root / "extra.tar"]
+
+
+@pytest.mark.parametrize("cut", ["threshold", "top_fraction"])
+def test_filter_shards_keeps_exactly_the_reference_samples(shard_set, reference, model_dir, tmp_path, cut):
+    import io
+
+    from PIL import UnidentifiedImageError
+
+    spec, tars = shard_set
+    samples = [((str(t), k), m) for t in tars for k, m in _tar_samples(t)]
+    pairs_ = [(sid, m) for sid, m in samples if "txt" in m]  # a sample without caption is no pair
+    scores, feats, records = [], {}, []
+    for sid, m in pairs_:
+        caption = m["txt"].decode()
+        try:
+            feats[sid] = open_clip_images(reference, [io.BytesIO(m["jpg"])])[0]
+        except UnidentifiedImageError:
+            feats[sid] = None
+        ok = feats[sid] is not None and caption.strip()
+        scores.append(float(feats[sid] @ open_clip_texts(reference, [caption])[0]) if ok else np.nan)
+        records.append(type("R", (), {"path": sid, "caption": caption})())
+    scores = np.array(scores)
+    if cut == "threshold":
+        threshold = midpoint_threshold(scores)
+        dedup, kwargs = 0.99, {"threshold": threshold}
+    else:
+        threshold, dedup, kwargs = -1.0, 0.999, {"top_fraction": 1.0}
+    expected, dup_images = reference_keep(records, scores, feats, threshold, dedup)
+    out = tmp_path / "kept"
+    r = filter_pairs(spec, out, f"local-dir:{model_dir}", dedup=dedup, shard_size=3, progress=False, **kwargs)
+    written = [m for p in sorted(out.glob("*.tar")) for _, m in _tar_samples(p)]
+    assert [(m["jpg"], m["txt"].decode()) for m in written] == \
+        [(pairs_[i][1]["jpg"], pairs_[i][1]["txt"].decode()) for i in expected]
+    assert all(len(_tar_samples(p)) <= 3 for p in out.glob("*.tar"))
+    assert sum(json.loads((out / "sizes.json").read_text()).values()) == len(expected) == r.kept
+    assert (r.pairs, r.broken, r.images) == (len(samples), 3, len(samples) - 2)
+    assert r.duplicate_images == len(dup_images)
+    assert r.dropped_score + r.dropped_duplicate + r.broken + r.kept == r.pairs
+    if cut == "top_fraction":
+        copy = f"{tars[2]}#{samples[len(samples) - 5][0][1]}"  # the last shard sample: the copied image
+        assert r.dropped_score == 0 and r.dropped_duplicate >= 1
+        assert copy in {e["dropped"] for e in r.duplicate_examples}
+    report = json.loads(Path(r.report).read_text())
+    assert Path(r.report).parent == tmp_path and report["kept"] == r.kept
+    assert {e["source"].split("#")[-1] for e in report["broken_examples"]} >= {"c"}  # the empty caption
+    assert any("MissingCaption" in e["reason"] for e in report["broken_examples"])
+
+
+def test_filter_shards_bad_inputs(shard_set, model_dir, tmp_path):
+    spec, tars = shard_set
+    m = f"local-dir:{model_dir}"
+    with pytest.raises(ValueError, match="overwrite the input shard"):
+        filter_pairs(spec, tars[0].parent, m)
+    with pytest.raises(FileNotFoundError, match="no such shard"):
+        filter_pairs(str(tmp_path / "missing-{0..1}.tar"), tmp_path / "o", m)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_filter_shards(shard_set, model_dir, tmp_path, capsys):
+    from clipforge.cli import main as cli
+
+    spec, tars = shard_set
+    m = f"local-dir:{model_dir}"
+    assert cli(["filter", spec, str(tars[0].parent), "--model", m, "--no-progress"]) == 2
+    assert "overwrite the input shard" in capsys.readouterr().err
+    assert cli(["filter", spec, str(tmp_path / "kept"), "--model", m, "--top-fraction", "0.5", "--shard-size", "2",
+                "--no-progress"]) == 0
+    samples = sum(len(_tar_samples(t)) for t in tars)
+    assert f"of {samples} pairs" in capsys.readouterr().out
+    sizes = json.loads((tmp_path / "kept" / "sizes.json").read_text())
+    assert sizes and max(sizes.values()) <= 2 and (tmp_path / "kept.scores.png").is_file()

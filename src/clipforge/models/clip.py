@@ -52,7 +52,27 @@ def build_text_tower(cfg: CLIPConfig) -> nn.Module:
     return TEXT_TOWERS[cfg.text_cfg.kind](cfg)
 
 
-class CLIP(nn.Module):
+class TowerMethods:
+    """What every model with ``visual`` and ``text`` towers offers the trainer (CLIP, CoCa, ...)."""
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.set_grad_checkpointing(enable)
+        self.text.set_grad_checkpointing(enable)
+
+    def lock_image_tower(self, unlocked_groups: int = 0) -> None:
+        self.visual.lock(unlocked_groups)
+
+    def lock_text_tower(self, unlocked_layers: int = 0) -> None:
+        self.text.lock(unlocked_layers)
+
+    def no_weight_decay(self) -> set:
+        names = {"logit_scale", "logit_bias"}
+        names |= {"visual." + n for n in self.visual.no_weight_decay()}
+        names |= {"text." + n for n in self.text.no_weight_decay()}
+        return names
+
+
+class CLIP(TowerMethods, nn.Module):
     """Image and text towers mapped into one embedding space.
 
     The text tower is always ``self.text``. For OpenAI-layout models (``custom_text=False``) its
@@ -111,21 +131,6 @@ class CLIP(nn.Module):
             logits = logits + self.logit_bias
         return logits, logits.T
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.visual.set_grad_checkpointing(enable)
-        self.text.set_grad_checkpointing(enable)
-
-    def lock_image_tower(self, unlocked_groups: int = 0) -> None:
-        self.visual.lock(unlocked_groups)
-
-    def lock_text_tower(self, unlocked_layers: int = 0) -> None:
-        self.text.lock(unlocked_layers)
-
-    def no_weight_decay(self) -> set:
-        names = {"logit_scale", "logit_bias"}
-        names |= {"visual." + n for n in self.visual.no_weight_decay()}
-        names |= {"text." + n for n in self.text.no_weight_decay()}
-        return names
 
 
 # OpenAI's layout keeps the text tower at the root of the state dict; clipforge's modules keep it under

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import CLIPConfig, MultimodalConfig
-from .clip import build_text_tower, build_vision_tower
+from .clip import TowerMethods, build_text_tower, build_vision_tower
 from .generation import generate as _generate
 from .layers import CrossAttentionBlock, KVCache, ResidualAttentionBlock, activation, init_blocks, norm
 
@@ -91,7 +91,7 @@ class MultimodalDecoder(nn.Module):
         return self._head(x)
 
 
-class CoCa(nn.Module):
+class CoCa(TowerMethods, nn.Module):
     """Image tower, text tower (with CLS) and caption decoder; outputs as ``open_clip.CoCa``."""
 
     def __init__(self, cfg: CLIPConfig):
@@ -172,21 +172,8 @@ class CoCa(nn.Module):
     generate = _generate
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.visual.set_grad_checkpointing(enable)
-        self.text.set_grad_checkpointing(enable)
+        super().set_grad_checkpointing(enable)
         self.text_decoder.grad_checkpointing = enable
-
-    def lock_image_tower(self, unlocked_groups: int = 0) -> None:
-        self.visual.lock(unlocked_groups)
-
-    def lock_text_tower(self, unlocked_layers: int = 0) -> None:
-        self.text.lock(unlocked_layers)
-
-    def no_weight_decay(self) -> set:
-        names = {"logit_scale", "logit_bias"}
-        names |= {"visual." + n for n in self.visual.no_weight_decay()}
-        names |= {"text." + n for n in self.text.no_weight_decay()}
-        return names
 
 
 class FullDecoder:

@@ -136,7 +136,7 @@ class Attention(nn.Module):
         return self.out_proj(_merge_heads(out))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(Attention):
     """Multi-head attention from queries ``x`` to a ``context`` of the same width (CoCa's decoder).
 
     Parameters as ``nn.MultiheadAttention`` (fused ``in_proj_weight``: query rows, then key, then value).
@@ -144,17 +144,6 @@ class CrossAttention(nn.Module):
     Several query rows may share one context row (the beams of one image): ``x`` then has
     ``rows_per_context`` times the context's batch, grouped contiguously.
     """
-
-    def __init__(self, dim: int, num_heads: int, device=None, dtype=None):
-        super().__init__()
-        if num_heads < 1 or dim % num_heads:
-            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
-        self.num_heads = num_heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim, device=device, dtype=dtype))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim, device=device, dtype=dtype))
-        self.out_proj = nn.Linear(dim, dim, device=device, dtype=dtype)
-        nn.init.xavier_uniform_(self.in_proj_weight)
-        nn.init.zeros_(self.out_proj.bias)
 
     def project_context(self, context: torch.Tensor):
         """(keys, values) [B, H, N, Dh] of context tokens [B, N, D]."""

@@ -350,7 +350,7 @@ class _PartBatches:
 
 
 # ---- loading: WebDataset shards ------------------------------------------------------------------
-class _ShardParts(IterableDataset):
+class ShardParts(IterableDataset):
     """Each loader worker reads whole parts (``(part, shard urls)``), yielding batches of decoded samples
     and a last ``done`` batch per part; a part's batches come from one worker, in tar order."""
 
@@ -703,7 +703,7 @@ def _run_shards(source: Source, todo: Sequence[int], part_size: int, enc: Encode
     shards = source.shards
     assert shards is not None
     parts = [(p, shards[p * part_size:(p + 1) * part_size]) for p in todo]
-    dataset = _ShardParts(parts, transform if "image" in source.modalities else None, "text" in source.modalities,
+    dataset = ShardParts(parts, transform if "image" in source.modalities else None, "text" in source.modalities,
                           batch_size, draft_size)
     loader = DataLoader(dataset, batch_size=None, **_loader_kwargs(min(workers, len(parts)), enc.device))
     open_parts: Dict[int, _PartBuffer] = {}

@@ -1,7 +1,9 @@
 """Curate image-caption pairs before training: keep pairs CLIP scores high, drop near-duplicate images.
 
 What LAION did to Common Crawl with ViT-B/32 (keep cosine >= 0.28), as one step over a caption file
-(CSV/TSV, JSON lines or COCO captions, read by :mod:`clipforge.data.captions`):
+(CSV/TSV, JSON lines or COCO captions, read by :mod:`clipforge.data.captions`) or a WebDataset shard
+set (a ``.tar``, a brace pattern, a ``::`` list; read with :mod:`clipforge.retrieval.embed`'s shard
+reader, each sample one pair):
 
 1. each distinct image and each caption is embedded with the model (images in a DataLoader, broken
    ones skipped and listed; captions through the EOT-trimmed batched text path);
@@ -12,8 +14,13 @@ What LAION did to Common Crawl with ViT-B/32 (keep cosine >= 0.28), as one step 
    order, the first of each group is kept and every image within ``dedup`` of a kept one dropped
    (with all of its pairs);
 4. the kept pairs are written in the input's format (other columns and keys untouched; relative
-   image paths re-based on the output's folder so the new file reads back as it is), atomically,
-   with a JSON report (counts, thresholds, a histogram, examples) and a score histogram PNG.
+   image paths re-based on the output's folder so the new file reads back as it is; shards as a new
+   shard set by :func:`clipforge.data.shards.write_shards`, image bytes copied verbatim, in input
+   order, after a second pass over the input so no image is held in memory), atomically, with a JSON
+   report (counts, thresholds, a histogram, examples) and a score histogram PNG.
+
+Only reading and writing differ between the two kinds of input (:class:`_Pairs`); scoring, the cut,
+de-duplication and the report are one code path.
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ from tqdm import tqdm
 from ..atomic import atomic_write, write_text
 from ..data.captions import _KIND_BY_SUFFIX, CAPTION_KINDS, CaptionRecord, read_caption_file, read_table, \
     table_separator
+from ..data.robust import BrokenSample, DataError
 from .index import EXACT_MAX_ROWS, normalized, plan_index
 from .layout import PathLike
 
@@ -230,6 +238,123 @@ def near_duplicates(features: np.ndarray, threshold: float, batch: int = 4096) -
     return dropped, by, factory
 
 
+# ---- inputs read into pairs ----------------------------------------------------------------------
+@dataclass
+class _Pairs:
+    """An input read for scoring: per pair a caption, a source and an image index; per image a feature."""
+
+    captions: List[str]
+    sources: List[str]  # "file:line" or "shard#key", for the report
+    image_of: np.ndarray  # [pairs] index into images
+    images: List[str]  # image names, for the report
+    image_feats: np.ndarray  # [images, D] normalised
+    broken_images: Dict[int, str]  # image index -> why it could not be read
+    unread: List[BrokenSample]  # samples dropped before they became pairs (shards: no image/caption, undecodable)
+    write: Callable[[Sequence[int], Path], None]  # writes the pairs at the given indices
+
+
+def _read_caption_pairs(input: Path, kind: str, img_key: str, caption_key: str, sep: Optional[str],
+                        image_root: Optional[PathLike], net, transform, device: str, precision: str,
+                        batch_size: int, workers: int, progress: bool) -> _Pairs:
+    kind = _kind(input, kind)
+    records = read_caption_file(input, kind, img_key, caption_key, sep, image_root)
+    write = _writer(input, kind, records, img_key, caption_key, sep)
+    order: Dict[Path, int] = {}
+    image_of = np.array([order.setdefault(r.path, len(order)) for r in records], dtype=np.int64)
+    paths = list(order)
+    feats, broken = _image_features(net, transform, paths, device, precision, batch_size, workers, progress)
+    return _Pairs([r.caption for r in records], [r.source for r in records], image_of, [str(p) for p in paths],
+                  feats, broken, [], write)
+
+
+def _local_shard(url: str) -> Optional[Path]:
+    if url.startswith("pipe:") or "://" in url:
+        return None
+    return Path(url[len("file:"):] if url.startswith("file:") else url).expanduser()
+
+
+def _shard_urls(input: str, out: Path) -> List[str]:
+    """The shard urls of ``input``; local ones must exist and must not live in ``out``."""
+    from ..data.webdataset import expand_urls
+
+    urls, _ = expand_urls(input)
+    if not urls:
+        raise ValueError(f"{input}: no shards")
+    for url in urls:
+        local = _local_shard(url)
+        if local is None:
+            continue
+        if not local.is_file():
+            raise FileNotFoundError(f"{url}: no such shard (of {input})")
+        if local.resolve() == out.resolve() or local.resolve().parent == out.resolve():
+            raise ValueError(f"{out}: the output would overwrite the input shard {url}; choose another folder")
+    return urls
+
+
+def _read_shard_pairs(urls: List[str], shard_size: int, net, transform, device: str, precision: str,
+                      batch_size: int, workers: int, progress: bool) -> _Pairs:
+    """One pass decoding every sample (a loader worker per shard); a second, when writing, copies the kept."""
+    from torch.utils.data import DataLoader
+
+    from ..data.shards import write_shards
+    from ..data.webdataset import IMAGE_EXTS, TEXT_EXT, optional_import
+    from ..evaluate.features import iter_image_features
+    from .embed import ShardParts
+
+    dataset = ShardParts([(i, [u]) for i, u in enumerate(urls)], transform, True, batch_size)
+    loader = DataLoader(dataset, batch_size=None, num_workers=min(workers, len(urls)))
+    unread: List[BrokenSample] = []
+    per_shard: Dict[int, List[Tuple[list, list, list, np.ndarray]]] = {i: [] for i in range(len(urls))}
+
+    def batches():
+        for b in loader:
+            unread.extend(b["failed"])
+            if b["keys"]:
+                yield b["images"], b
+
+    for f, b in iter_image_features(net, tqdm(batches(), desc="images", unit="batch", disable=not progress),
+                                    device, precision, use_tqdm=False):
+        per_shard[b["part"]].append((b["urls"], b["keys"], b["captions"], f.numpy()))
+    chunks = [c for i in range(len(urls)) for c in per_shard[i]]  # shard order, tar order within
+    ids = [(u, k) for c in chunks for u, k in zip(c[0], c[1])]
+    if not ids:
+        first = f"{unread[0].path}: {unread[0].reason}" if unread else "they hold no samples"
+        raise ValueError(f"none of the samples of {len(urls)} shards could be read; first failure: {first}")
+    names = [f"{u}#{k}" for u, k in ids]
+    feats = np.concatenate([c[3] for c in chunks]).astype(np.float32)
+
+    def write_shard_set(keep: Sequence[int], out: Path) -> None:
+        wds = optional_import("webdataset", "reading WebDataset shards")
+        wanted = {ids[i] for i in keep}
+
+        def kept_samples():
+            # unreadable samples were counted in the first pass; here they are only passed over
+            for s in wds.tarfile_samples(({"url": u} for u in urls), handler=lambda exn: True):
+                if (s.get("__url__"), s.get("__key__")) in wanted:
+                    yield s[next(e for e in IMAGE_EXTS if e in s)], s[TEXT_EXT].decode("utf-8")
+
+        res = write_shards(kept_samples(), out, max_count_per_shard=shard_size)
+        if res.n_written != len(keep):
+            raise DataError(f"{out}: wrote {res.n_written} of the {len(keep)} kept samples; did the input shards "
+                            f"change while filtering? ({[b.path for b in res.skipped][:3]})")
+
+    return _Pairs([c for ch in chunks for c in ch[2]], names, np.arange(len(ids), dtype=np.int64), names, feats,
+                  {}, unread, write_shard_set)
+
+
+def is_shard_input(input: PathLike, kind: str = "auto") -> bool:
+    """Whether ``input`` is read as WebDataset shards: ``kind`` "webdataset", or (auto) a ``.tar``,
+    brace pattern, ``::`` list or url, as ``clipforge embed`` tells them."""
+    from .embed import detect_input_kind
+
+    if kind != "auto":
+        return kind == "webdataset"
+    try:
+        return detect_input_kind(os.fspath(input)) == "webdataset"
+    except (FileNotFoundError, ValueError):
+        return False
+
+
 # ---- the whole step ------------------------------------------------------------------------------
 def _histogram_png(scores: np.ndarray, threshold: float, title: str, path: Path) -> None:
     import matplotlib
@@ -259,17 +384,21 @@ def filter_pairs(input: PathLike, out: PathLike, model: str, pretrained: Optiona
                  threshold: Optional[float] = None, top_fraction: Optional[float] = None,
                  dedup: Optional[float] = 0.95, kind: str = "auto", img_key: str = "filepath",
                  caption_key: str = "title", sep: Optional[str] = None, image_root: Optional[PathLike] = None,
-                 batch_size: int = 64, workers: int = 0, device: str = "cpu", precision: str = "fp32",
-                 progress: bool = True) -> FilterResult:
-    """Score the pairs of caption file ``input``, keep the good ones, drop duplicates; write ``out``.
+                 shard_size: int = 10000, batch_size: int = 64, workers: int = 0, device: str = "cpu",
+                 precision: str = "fp32", progress: bool = True) -> FilterResult:
+    """Score the pairs of ``input``, keep the good ones, drop duplicates; write ``out``.
 
+    ``input`` is a caption file (``out``: a caption file of the same format) or WebDataset shards
+    (``kind`` "webdataset" or auto: a ``.tar``, brace pattern or ``::`` list; ``out``: a folder of
+    shards of up to ``shard_size`` samples, replaced whole if it holds a shard set).
     ``threshold`` (default LAION's 0.28 when ``top_fraction`` is not given either) keeps pairs with
     ``score >= threshold``; ``top_fraction`` keeps that fraction of the readable pairs, best first.
     ``dedup`` is the cosine above which two images count as duplicates (None: no de-duplication).
     """
     from ..factory import create_model_and_transforms, get_tokenizer
 
-    input, out = Path(input), Path(out)
+    shards = is_shard_input(input, kind)
+    input_name, out = os.fspath(input), Path(out)
     if threshold is not None and top_fraction is not None:
         raise ValueError("give a threshold or a top fraction, not both")
     if threshold is None and top_fraction is None:
@@ -280,34 +409,39 @@ def filter_pairs(input: PathLike, out: PathLike, model: str, pretrained: Optiona
         raise ValueError(f"top fraction must be in (0, 1], got {top_fraction}")
     if dedup is not None and not 0.0 < dedup <= 1.0:
         raise ValueError(f"dedup is a cosine similarity in (0, 1], got {dedup}")
-    if not input.is_file():
-        raise FileNotFoundError(f"{input}: no such caption file")
-    if out.resolve() == input.resolve():
-        raise ValueError(f"{out}: the output would overwrite the input; choose another file")
-    kind = _kind(input, kind)
-    records = read_caption_file(input, kind, img_key, caption_key, sep, image_root)
-    write = _writer(input, kind, records, img_key, caption_key, sep)
+    if shard_size < 1:
+        raise ValueError(f"shard size must be >= 1, got {shard_size}")
+    if shards:
+        urls = _shard_urls(input_name, out)
+    else:
+        if not Path(input).is_file():
+            raise FileNotFoundError(f"{input}: no such caption file")
+        if out.resolve() == Path(input).resolve():
+            raise ValueError(f"{out}: the output would overwrite the input; choose another file")
+        _kind(Path(input), kind)  # an unknown kind fails before the model loads
 
     net, _, transform = create_model_and_transforms(model, pretrained=pretrained, precision=precision, device=device)
     net.eval()
     tokenizer = get_tokenizer(model, context_length=net.cfg.text_cfg.context_length)
-    order: Dict[Path, int] = {}
-    image_of = np.array([order.setdefault(r.path, len(order)) for r in records], dtype=np.int64)
-    paths = list(order)
-    image_feats, broken_images = _image_features(net, transform, paths, device, precision, batch_size, workers,
-                                                 progress)
-    empty = np.array([not r.caption.strip() for r in records])
-    text_feats = _text_features(net, tokenizer, [r.caption for r in records], device, precision, batch_size, progress)
+    if shards:
+        data = _read_shard_pairs(urls, shard_size, net, transform, device, precision, batch_size, workers, progress)
+    else:
+        data = _read_caption_pairs(Path(input), kind, img_key, caption_key, sep, image_root, net, transform, device,
+                                   precision, batch_size, workers, progress)
+    image_of, paths, image_feats, broken_images = data.image_of, data.images, data.image_feats, data.broken_images
+    n_pairs = len(data.captions)
+    empty = np.array([not c.strip() for c in data.captions])
+    text_feats = _text_features(net, tokenizer, data.captions, device, precision, batch_size, progress)
     scores = np.einsum("nd,nd->n", image_feats[image_of], text_feats)  # [pairs] cosine
     broken = empty | np.isin(image_of, list(broken_images))
     valid = ~broken
     if not valid.any():
-        raise ValueError(f"{input}: no readable pair (every image failed or every caption is empty)")
+        raise ValueError(f"{input_name}: no readable pair (every image failed or every caption is empty)")
     if top_fraction is not None:
         n_keep = max(1, math.ceil(top_fraction * int(valid.sum())))
         candidates = np.nonzero(valid)[0]
         best = candidates[np.argsort(-scores[candidates], kind="stable")[:n_keep]]
-        keep = np.zeros(len(records), dtype=bool)
+        keep = np.zeros(n_pairs, dtype=bool)
         keep[best] = True
         cut = float(scores[best].min())
     else:
@@ -329,15 +463,17 @@ def filter_pairs(input: PathLike, out: PathLike, model: str, pretrained: Optiona
     keep &= ~dup_pairs
     kept = np.nonzero(keep)[0].tolist()
     if not kept:
-        logger.warning("%s: no pair kept (threshold %.3f)", input, cut)
-    write(kept, out)
+        logger.warning("%s: no pair kept (threshold %.3f)", input_name, cut)
+    data.write(kept, out)
 
     report, histogram = report_paths(out)
     broken_examples = [{"image": str(paths[i]), "reason": reason} for i, reason in list(broken_images.items())[:20]]
-    broken_examples += [{"source": records[i].source, "reason": "empty caption"} for i in np.nonzero(empty)[0][:20]]
+    broken_examples += [{"source": b.path, "reason": b.reason} for b in data.unread[:20]]
+    broken_examples += [{"source": data.sources[i], "reason": "empty caption"} for i in np.nonzero(empty)[0][:20]]
+    total = n_pairs + len(data.unread)
     result = FilterResult(
-        input=str(input), output=str(out), report=str(report), histogram=str(histogram), pairs=len(records),
-        images=len(paths), broken=int(broken.sum()), dropped_score=dropped_score,
+        input=input_name, output=str(out), report=str(report), histogram=str(histogram), pairs=total,
+        images=len(paths), broken=int(broken.sum()) + len(data.unread), dropped_score=dropped_score,
         dropped_duplicate=int(dup_pairs.sum()), duplicate_images=int(dup_images.sum()), kept=len(kept),
         threshold=cut, top_fraction=top_fraction, dedup=dedup, dedup_index=factory,
         broken_examples=broken_examples, duplicate_examples=dup_examples)
@@ -346,11 +482,11 @@ def filter_pairs(input: PathLike, out: PathLike, model: str, pretrained: Optiona
                "score": {"mean": float(scores[valid].mean()), "min": float(scores[valid].min()),
                          "max": float(scores[valid].max()),
                          "histogram": {"counts": counts.tolist(), "edges": [round(float(e), 5) for e in edges]}}}
-    _histogram_png(scores[valid], cut, f"{input.name}: kept {len(kept)} of {len(records)} pairs", histogram)
+    _histogram_png(scores[valid], cut, f"{Path(input_name).name}: kept {len(kept)} of {total} pairs", histogram)
     write_text(report, json.dumps(summary, indent=2) + "\n")
-    logger.info("%s: kept %d of %d pairs (%d below %.3f, %d duplicates, %d broken) -> %s", input, len(kept),
-                len(records), dropped_score, cut, result.dropped_duplicate, result.broken, out)
+    logger.info("%s: kept %d of %d pairs (%d below %.3f, %d duplicates, %d broken) -> %s", input_name, len(kept),
+                total, dropped_score, cut, result.dropped_duplicate, result.broken, out)
     return result
 
 
-__all__ = ["FilterResult", "LAION_THRESHOLD", "filter_pairs", "near_duplicates", "report_paths"]
+__all__ = ["FilterResult", "LAION_THRESHOLD", "filter_pairs", "is_shard_input", "near_duplicates", "report_paths"]
