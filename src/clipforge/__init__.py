@@ -2,12 +2,13 @@
 from .config import CLIPConfig, PreprocessConfig, TextConfig, VisionConfig
 from .factory import create_model, create_model_and_transforms, get_tokenizer
 from .models.clip import CLIP
+from .models.coca import CoCa
 from .models.registry import add_model_config, get_model_config, list_models
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CLIP", "CLIPConfig", "PreprocessConfig", "TextConfig", "VisionConfig",
+    "CLIP", "CoCa", "CLIPConfig", "PreprocessConfig", "TextConfig", "VisionConfig",
     "create_model", "create_model_and_transforms", "get_tokenizer",
     "add_model_config", "get_model_config", "list_models",
 ]

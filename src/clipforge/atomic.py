@@ -7,12 +7,12 @@ the same guarantee (a reader sees the old output or the new one, never a mix) an
 * :func:`atomic_write` writes one file through a temporary sibling, fsyncs it and renames it over
   the target. Files get the permissions the umask gives (``mkstemp``'s 0600 is not kept).
 * :func:`atomic_directory` builds a multi-file output in a temporary sibling folder and swaps it in
-  with two renames: ``dst`` -> ``.<dst>.clipforge-XXXXXXXX.old``, then the new folder -> ``dst``.
+  with two renames: ``dst`` -> ``.<dst>.clipforge-<random>.old``, then the new folder -> ``dst``.
   Between those two renames (microseconds) ``dst`` is absent; a process killed exactly there
   leaves the complete old folder under the ``.old`` name, and :func:`recover_directory` (run by the
   next writer of ``dst`` and by :func:`cleanup_stale`) renames it back.
 * :func:`cleanup_stale` removes the temporaries a killed clipforge left behind, recognised by
-  name (``.<name>.clipforge-XXXXXXXX.tmp`` / ``.old``) and only when no live process holds their
+  name (``.<name>.clipforge-<random>.tmp`` / ``.old``) and only when no live process holds their
   lock (a writer ``flock``s its temporary while it works; the kernel drops the lock when it dies).
 * A full disk becomes :class:`NoSpaceError` naming the device, the path and the sizes, whatever
   the underlying writer raised (``OSError(ENOSPC)``, torch's ``basic_ios::clear`` / ``unexpected pos``
@@ -158,7 +158,7 @@ def atomic_write(path: PathLike, write: Callable[[str], None], size_hint: Option
     """Write through a temporary file in the same folder, fsync, then rename over ``path``.
 
     A crash at any moment leaves either the previous file or the complete new one, never a torn one;
-    a killed writer's temporary (``.<name>.clipforge-XXXXXXXX.tmp``) is removed by :func:`cleanup_stale`.
+    a killed writer's temporary (``.<name>.clipforge-<random>.tmp``) is removed by :func:`cleanup_stale`.
     ``size_hint`` (bytes) is only used to say how much was needed when the disk fills.
     """
     path = Path(path)
@@ -317,7 +317,7 @@ def _swap_in(new: Path, dst: Path) -> None:
 def cleanup_stale(folder: PathLike) -> List[Path]:
     """Remove what killed clipforge writers left in ``folder``; returns what was removed or restored.
 
-    Only names this program makes (``.<name>.clipforge-XXXXXXXX.tmp`` / ``.old``) are touched, and only
+    Only names this program makes (``.<name>.clipforge-<random>.tmp`` / ``.old``) are touched, and only
     when no live process holds their lock. An ``.old`` folder whose ``<name>`` is missing is renamed
     back (see :func:`recover_directory`) instead of deleted.
     """

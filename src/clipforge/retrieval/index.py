@@ -31,7 +31,7 @@ items, as a query by an indexed row's id is); the reference is exact brute-force
 over every row, streamed. Recall@10 is ``|approx top-10 ∩ exact top-10| / 10`` averaged over the
 queries (exact indexes are measured too, as a check: 1.0 up to ties).
 
-Files: ``OUT/index`` is a symbolic link to a build folder ``OUT/.index-XXXX`` holding
+Files: ``OUT/index`` is a symbolic link to a build folder ``OUT/.index-<random>`` holding
 ``image.index``, ``text.index`` and ``index_info.json``. A new build writes a fresh folder and swaps
 the link with one ``os.replace``, so a kill at any moment leaves the old indexes or the new ones.
 """
