@@ -42,7 +42,7 @@ def main() -> None:
     torch.manual_seed(0)
     model, _, transform = clipforge.create_model_and_transforms(f"local-dir:{args.run / 'final'}")
     tokenizer = clipforge.get_tokenizer(f"local-dir:{args.run / 'final'}")
-    groups = CaptionGroups.from_records(read_caption_file(args.data))
+    groups = CaptionGroups.from_records(read_caption_file(args.data, img_key="filepath", caption_key="caption"))
     step = max(1, len(groups.image_paths) // args.n)
     picks = list(range(0, len(groups.image_paths), step))[:args.n]
     paths = [groups.image_paths[i] for i in picks]
