@@ -82,10 +82,19 @@ def machine() -> Dict[str, object]:
         "cores": int(fields.get("CPU(s)", "0").strip() or 0),
         "threads": torch.get_num_threads(),
         "isa": [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f in flags],
+        # what decides bf16 speed: torch's kernel level, and the precision ``auto`` picks here
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "auto_precision_cpu": _auto_precision(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "loadavg_start": load,
     }
+
+
+def _auto_precision() -> str:
+    from clipforge.precision import resolve_precision
+
+    return resolve_precision("auto", "cpu")[0]
 
 
 def loadavg() -> List[float]:

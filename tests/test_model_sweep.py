@@ -24,6 +24,26 @@ _HF_CONFIGS = {
     "xlm-roberta-large": lambda: transformers.XLMRobertaConfig(
         vocab_size=250002, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1, hidden_size=1024,
         num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    # T5 encoders (mT5): OpenCLIP keeps the encoder of the encoder-decoder model.
+    "google/mt5-base": lambda: transformers.MT5Config(
+        vocab_size=250112, d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_decoder_layers=12, num_heads=12,
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0),
+    "google/mt5-xl": lambda: transformers.MT5Config(
+        vocab_size=250112, d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_decoder_layers=24, num_heads=32,
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0),
+    # M2M100 encoders (NLLB-200 distilled).
+    "facebook/nllb-200-distilled-600M": lambda: transformers.M2M100Config(
+        vocab_size=256206, d_model=1024, encoder_layers=12, decoder_layers=12, encoder_attention_heads=16,
+        decoder_attention_heads=16, encoder_ffn_dim=4096, decoder_ffn_dim=4096, max_position_embeddings=1024,
+        scale_embedding=True, activation_function="relu", pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        decoder_start_token_id=2),
+    "facebook/nllb-200-distilled-1.3B": lambda: transformers.M2M100Config(
+        vocab_size=256206, d_model=1024, encoder_layers=24, decoder_layers=24, encoder_attention_heads=16,
+        decoder_attention_heads=16, encoder_ffn_dim=8192, decoder_ffn_dim=8192, max_position_embeddings=1024,
+        scale_embedding=True, activation_function="relu", pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        decoder_start_token_id=2),
 }
 
 

@@ -3,6 +3,7 @@ import functools
 import hashlib
 import http.server
 import json
+import re
 import shutil
 import socket
 import threading
@@ -29,15 +30,22 @@ CAPTIONS = ["a photo of a cat", "a diagram", ""]
 # ---------------------------------------------------------------- registry
 
 def test_tags_match_open_clip_registry():
-    """Every listed tag names the same files, activation and preprocessing as OpenCLIP's entry."""
+    """Every OpenCLIP (model, tag) is listed, and names the same files, digest, activation and preprocessing."""
     models = set(clipforge.list_models())
     pairs = pt.list_pretrained()
-    assert len(pairs) > 80 and len(set(pairs)) == len(pairs)
+    assert len(set(pairs)) == len(pairs)
+    assert set(pairs) == set(open_clip.list_pretrained()) and len(pairs) == 196  # OpenCLIP 3.3's registry
     for model, tag in pairs:
         ours, ref = pt.get_pretrained_cfg(model, tag), open_clip.get_pretrained_cfg(model, tag)
         assert model in models and ref, (model, tag)
-        assert ours.hub.repo_id + "/" == ref["hf_hub"], (model, tag)
+        # OpenCLIP writes "org/repo/" for its default file name and "org/repo/file" otherwise (ViTamin).
+        filename = "" if ours.hub.filename == pt.tags.HUB_TORCH_NAME else ours.hub.filename
+        assert f"{ours.hub.repo_id}/{filename}" == ref["hf_hub"], (model, tag)
         assert (ours.url.url if ours.url else "") == ref["url"], (model, tag)
+        # The digest OpenCLIP checks: the full sha256 in OpenAI's URL path, else the prefix in the file name.
+        digest = re.search(r"/([0-9a-f]{64})/|-([0-9a-f]{8})\.pth?$", ref["url"])
+        expected = next(g for g in digest.groups() if g) if digest else None
+        assert (ours.url.sha256 if ours.url else None) == expected, (model, tag)
         assert ours.quick_gelu == ref.get("quick_gelu", False), (model, tag)
         assert (ours.mean, ours.std, ours.interpolation, ours.resize_mode) == (
             tuple(ref["mean"]), tuple(ref["std"]), ref["interpolation"], ref["resize_mode"]), (model, tag)

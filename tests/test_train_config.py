@@ -50,7 +50,7 @@ def test_round_trip_through_dict_and_saved_yaml(tmp_path):
 
 
 def test_unknown_keys_name_their_dotted_path_and_the_known_keys(tmp_path):
-    known_optim = r"known keys: \['beta1', 'beta2', 'cooldown_power', 'cooldown_steps', 'eps', 'grad_clip_norm', 'lr'"
+    known_optim = r"known keys: \['beta1', 'beta2', 'cooldown_power', 'cooldown_steps', 'eps', 'grad_clip_norm', 'implementation', 'lr'"
     for args in (["--optim.lrr", "1"], ["--optim.lrr=1"], ["optim.lrr=1"],
                  ["--config", str(_yaml(tmp_path, {"optim": {"lrr": 1, "lr": 1e-3}}))]):
         with pytest.raises(ValueError, match=r"^config\.optim: unknown key\(s\) \['lrr'\]; " + known_optim):
@@ -91,11 +91,11 @@ def test_mistyped_values_name_the_path_and_the_expected_type(tmp_path):
 def test_post_init_checks_name_their_section(tmp_path):
     with pytest.raises(ValueError, match=r"^config\.data: data kind 'csv' needs train_data"):
         parse_config(["data.kind=csv"])
-    with pytest.raises(ValueError, match=r"^config\.loss: loss\.kind must be one of \('auto', 'clip', 'siglip', 'coca'\)"):
+    with pytest.raises(ValueError, match=r"^config\.loss: loss\.kind must be one of \('auto', 'clip', 'siglip', 'coca', 'distill'\)"):
         load_config(_yaml(tmp_path, {"loss": {"kind": "infonce"}}))
     with pytest.raises(ValueError, match=r"^config\.optim: optim\.schedule must be one of"):
         parse_config(["--optim.schedule", "linear"])
-    with pytest.raises(ValueError, match=r"^config: precision must be one of \['fp32', 'bf16', 'fp16'\], got 'fp8'"):
+    with pytest.raises(ValueError, match=r"^config: precision must be one of \['auto', 'fp32', 'bf16', 'fp16'\], got 'fp8'"):
         parse_config(["--precision", "fp8"])
 
 

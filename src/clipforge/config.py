@@ -47,7 +47,7 @@ class VisionConfig:
     timm_model_name: Optional[str] = None
     timm_model_pretrained: bool = False
     timm_pool: str = "avg"
-    timm_proj: str = "linear"
+    timm_proj: Optional[str] = "linear"  # "linear", "mlp", "none", or ""/None: timm's own classifier
     timm_proj_bias: bool = False
     timm_drop: float = 0.0
     timm_drop_path: Optional[float] = None
@@ -166,6 +166,8 @@ class CLIPConfig:
 
     def __post_init__(self) -> None:
         self.model_kind = "coca" if self.multimodal_cfg is not None else "clip"
+        # As OpenCLIP's factory: a Hugging Face text tower always lives under "text." (its JSON may omit the key).
+        self.custom_text = self.custom_text or self.text_cfg.kind == "hf"
 
     @classmethod
     def from_dict(cls, d: dict) -> "CLIPConfig":

@@ -9,6 +9,8 @@
   around the ranks.
 * :class:`CoCaLoss` - ``ClipLoss`` on the contrastive embeddings plus the captioning
   cross-entropy (padding ignored), weighted as ``open_clip.loss.CoCaLoss``.
+* :class:`DistillClipLoss` - ``ClipLoss`` plus the cross-entropy of the student's logits
+  against a frozen teacher's softmaxed logits, as ``open_clip.loss.DistillClipLoss``.
 
 All losses take ``(image_features, text_features, logit_scale, logit_bias)`` where
 ``logit_scale`` is the already-exponentiated temperature, as in OpenCLIP.
@@ -33,6 +35,7 @@ __all__ = [
     "ClipLoss",
     "ChunkedClipLoss",
     "CoCaLoss",
+    "DistillClipLoss",
     "SigLipLoss",
     "clip_loss",
     "chunked_clip_loss",
@@ -228,6 +231,63 @@ class CoCaLoss(ClipLoss):
         if output_dict:
             return {"contrastive_loss": clip, "caption_loss": caption}
         return clip, caption
+
+
+class DistillClipLoss(ClipLoss):
+    """InfoNCE plus distillation from a teacher's logits, as ``open_clip.loss.DistillClipLoss``.
+
+    ``forward(image_features, text_features, logit_scale, dist_image_features, dist_text_features,
+    dist_logit_scale)`` returns ``(contrastive_loss, distill_loss)`` (a dict with ``output_dict``),
+    whose sum is what is trained. ``distill_loss`` is the mean over rows of the cross-entropy
+    ``-sum_j softmax(T)_ij log_softmax(S)_ij`` between the teacher's logits T (soft targets) and
+    the student's S, averaged over both directions. Both logit matrices are formed by
+    :meth:`ClipLoss.get_logits`, so across ranks the teacher's features are gathered exactly as the
+    student's are (``local_loss`` / ``gather_with_grad``), as in OpenCLIP. The teacher's inputs are
+    expected without gradient; nothing here detaches them.
+
+    ``logit_bias`` / ``dist_logit_bias`` (SigLIP-style models) may be given by keyword: a shared
+    bias cancels in every softmax, so they change no value (OpenCLIP's version does not accept them).
+    The soft targets need each row's whole logits, so there is no chunked variant.
+    """
+
+    def __init__(
+        self,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
+        cache_labels: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__(local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=cache_labels,
+                         rank=rank, world_size=world_size)
+
+    @staticmethod
+    def dist_loss(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
+        """Row-mean cross-entropy of the student's log-softmax against the teacher's softmax."""
+        return -(teacher_logits.softmax(dim=1) * student_logits.log_softmax(dim=1)).sum(dim=1).mean(dim=0)
+
+    def forward(  # type: ignore[override]
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: Tensor,
+        dist_image_features: Tensor,
+        dist_text_features: Tensor,
+        dist_logit_scale: Tensor,
+        output_dict: bool = False,
+        *,
+        logit_bias: Optional[Tensor] = None,
+        dist_logit_bias: Optional[Tensor] = None,
+    ):
+        per_image, per_text = self.get_logits(image_features, text_features, logit_scale, logit_bias)
+        dist_per_image, dist_per_text = self.get_logits(dist_image_features, dist_text_features,
+                                                        dist_logit_scale, dist_logit_bias)
+        labels = self.get_ground_truth(image_features.device, per_image.shape[0])
+        contrastive = (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2
+        distill = (self.dist_loss(dist_per_image, per_image) + self.dist_loss(dist_per_text, per_text)) / 2
+        if output_dict:
+            return {"contrastive_loss": contrastive, "distill_loss": distill}
+        return contrastive, distill
 
 
 class ChunkedClipLoss(ClipLoss):

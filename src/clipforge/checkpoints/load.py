@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any, Dict, Mapping
 
@@ -98,6 +99,14 @@ def load_state_dict_into(model: nn.Module, checkpoint: Any, strict: bool = True,
     return model
 
 
+def without_tower_downloads(cfg: CLIPConfig) -> CLIPConfig:
+    """``cfg`` with a Hugging Face text tower built from its config alone: the checkpoint holds its
+    weights (OpenCLIP's factory does the same whenever a checkpoint is loaded)."""
+    if cfg.text_cfg.kind != "hf" or not cfg.text_cfg.hf_model_pretrained:
+        return cfg
+    return dataclasses.replace(cfg, text_cfg=dataclasses.replace(cfg.text_cfg, hf_model_pretrained=False))
+
+
 def build_with_weights(cfg: CLIPConfig, checkpoint: Any, source: str):
     """``build_model(cfg)`` (a CLIP or CoCa) holding ``checkpoint``'s weights (strictly), in eval mode.
 
@@ -105,6 +114,7 @@ def build_with_weights(cfg: CLIPConfig, checkpoint: Any, source: str):
     costs more than reading the file for large models; towers with state outside the state dict
     (left on meta) are rebuilt normally.
     """
+    cfg = without_tower_downloads(cfg)
     with torch.device("meta"):
         model = build_model(cfg)
     sd = adapt_state_dict(unwrap_state_dict(checkpoint), model)

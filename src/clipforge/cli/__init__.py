@@ -49,6 +49,8 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "serve": ("serve", "serve an indexed collection: JSON API and a search web page"),
     "filter": ("filter", "keep image-caption pairs by CLIP score and drop near-duplicates"),
     "caption": ("caption", "caption images with a CoCa model"),
+    "push": ("push", "upload a model to the Hugging Face Hub (open_clip or transformers layout)"),
+    "export": ("export", "export the image and text encoders as ONNX or torch.export programs"),
 }
 
 

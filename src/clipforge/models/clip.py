@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +70,76 @@ class TowerMethods:
         names |= {"visual." + n for n in self.visual.no_weight_decay()}
         names |= {"text." + n for n in self.text.no_weight_decay()}
         return names
+
+    def forward_intermediates(
+            self,
+            image: Optional[torch.Tensor] = None,
+            text: Optional[torch.Tensor] = None,
+            image_indices: Optional[Union[int, Sequence[int]]] = None,
+            text_indices: Optional[Union[int, Sequence[int]]] = None,
+            stop_early: bool = False,
+            normalize: bool = True,
+            normalize_intermediates: bool = False,
+            intermediates_only: bool = False,
+            image_output_fmt: str = "NCHW",
+            image_output_extra_tokens: bool = False,
+            text_output_fmt: str = "NLC",
+            text_output_extra_tokens: bool = False,
+            output_logits: bool = False,
+            output_logit_scale_bias: bool = False,
+    ) -> Dict[str, Union[torch.Tensor, List[torch.Tensor]]]:
+        """Per-block features of either or both towers, as OpenCLIP's ``CLIP.forward_intermediates``.
+
+        Keys, in order: the image tower's (``image_intermediates``, ``image_intermediates_prefix``,
+        ``image_features``), the text tower's (``text_intermediates_suffix``, ``text_intermediates``,
+        ``text_features``), then ``image_logits``/``text_logits`` (``output_logits``, needs both
+        inputs) and ``logit_scale``/``logit_bias`` (``output_logit_scale_bias``). ``normalize``
+        L2-normalises the final features; ``intermediates_only`` turns off both it and the logits.
+        Per tower, see its ``forward_intermediates``.
+
+        As OpenCLIP: an OpenAI-layout text tower (``custom_text=False``) always runs all its blocks
+        (``stop_early`` applies to the image tower only) and ignores the text format/extra-token
+        options. Unlike OpenCLIP's CoCa, which does not implement them, a CoCa returns the
+        contrastive logits here too.
+        """
+        output: Dict[str, Union[torch.Tensor, List[torch.Tensor]]] = {}
+        if intermediates_only:
+            normalize = output_logits = False
+        if output_logits and (image is None or text is None):
+            raise ValueError("output_logits needs both image and text inputs")
+        if image is not None:
+            image_output = self.visual.forward_intermediates(
+                image, indices=image_indices, stop_early=stop_early, normalize_intermediates=normalize_intermediates,
+                intermediates_only=intermediates_only, output_fmt=image_output_fmt,
+                output_extra_tokens=image_output_extra_tokens)
+            if normalize and "image_features" in image_output:
+                image_output["image_features"] = F.normalize(image_output["image_features"], dim=-1)
+            output.update(image_output)
+        if text is not None:
+            if not hasattr(self.text, "forward_intermediates"):
+                raise ValueError(f"the {type(self.text).__name__} text tower has no forward_intermediates "
+                                 f"(OpenCLIP has none for it either); pass only image")
+            openai_layout = not self.cfg.custom_text
+            text_output = self.text.forward_intermediates(
+                text, indices=text_indices, stop_early=stop_early and not openai_layout,
+                normalize_intermediates=normalize_intermediates, intermediates_only=intermediates_only,
+                output_fmt="NLC" if openai_layout else text_output_fmt,
+                output_extra_tokens=text_output_extra_tokens and not openai_layout)
+            if normalize and "text_features" in text_output:
+                text_output["text_features"] = F.normalize(text_output["text_features"], dim=-1)
+            output.update(text_output)
+        logit_scale = self.logit_scale.exp() if output_logits or output_logit_scale_bias else None
+        if output_logits:
+            image_logits = logit_scale * output["image_features"] @ output["text_features"].T
+            if self.logit_bias is not None:
+                image_logits = image_logits + self.logit_bias
+            output["image_logits"] = image_logits
+            output["text_logits"] = image_logits.T
+        if output_logit_scale_bias:
+            output["logit_scale"] = logit_scale
+            if self.logit_bias is not None:
+                output["logit_bias"] = self.logit_bias
+        return output
 
 
 class CLIP(TowerMethods, nn.Module):

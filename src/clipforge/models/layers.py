@@ -5,8 +5,9 @@ so that their checkpoints load into these modules without renaming.
 """
 from __future__ import annotations
 
+import numbers
 from collections import OrderedDict
-from typing import Callable, Iterable, List, Optional, Type
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
@@ -252,6 +253,64 @@ class Transformer(nn.Module):
             else:
                 x = block(x, attn_mask=attn_mask, is_causal=is_causal)
         return x
+
+    def forward_intermediates(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                              indices: Optional[Union[int, Sequence[int]]] = None, stop_early: bool = False,
+                              is_causal: bool = False) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """(last output, outputs of the blocks ``indices`` selects, in block order), as OpenCLIP's.
+
+        With ``stop_early`` the blocks after the last selected one are not run, so the "last output"
+        is that block's output.
+        """
+        take_indices, max_index = feature_take_indices(len(self.resblocks), indices)
+        blocks = self.resblocks[:max_index + 1] if stop_early else self.resblocks
+        intermediates = []
+        for i, block in enumerate(blocks):
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
+            else:
+                x = block(x, attn_mask=attn_mask, is_causal=is_causal)
+            if i in take_indices:
+                intermediates.append(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1) -> List[int]:
+        """Drop the blocks after the last one ``indices`` selects; returns the selected block indices."""
+        take_indices, max_index = feature_take_indices(len(self.resblocks), indices)
+        self.resblocks = self.resblocks[:max_index + 1]
+        self.layers = len(self.resblocks)
+        return take_indices
+
+
+def feature_take_indices(num_features: int,
+                         indices: Optional[Union[int, Sequence[int]]] = None) -> Tuple[List[int], int]:
+    """Which of ``num_features`` outputs to take, as absolute indices, and the largest of them.
+
+    OpenCLIP's (and timm's) rule: None takes all, an int ``n`` the last ``n``, a sequence those
+    indices (negative ones count from the end). Out-of-range values raise ``ValueError`` with
+    OpenCLIP's wording (it raises ``AssertionError``).
+    """
+    if indices is None:
+        indices = num_features
+    if isinstance(indices, bool) or not isinstance(indices, (numbers.Integral, Sequence)) or isinstance(indices, str):
+        raise ValueError(f"indices must be None, an int (the last n) or a list of ints, got {indices!r}")
+    if isinstance(indices, numbers.Integral):
+        indices = int(indices)
+        if not 0 < indices <= num_features:
+            raise ValueError(f"last-n ({indices}) is out of range (1 to {num_features})")
+        take_indices = [num_features - indices + i for i in range(indices)]
+    else:
+        if not len(indices):
+            raise ValueError(f"indices is an empty list; give at least one of 0 to {num_features - 1}")
+        take_indices = []
+        for i in indices:
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+                raise ValueError(f"indices must be ints, got {i!r} in {list(indices)!r}")
+            idx = num_features + int(i) if i < 0 else int(i)
+            if not 0 <= idx < num_features:
+                raise ValueError(f"feature index {idx} is out of range (0 to {num_features - 1})")
+            take_indices.append(idx)
+    return take_indices, max(take_indices)
 
 
 def init_blocks(blocks: Iterable[nn.Module], width: int, layers: int) -> None:

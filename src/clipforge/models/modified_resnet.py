@@ -3,18 +3,21 @@
 Differences from torchvision's ResNet: a 3-conv stem with average pooling, anti-aliased strided
 convolutions (an average pool before each stride-2 step) and attention pooling instead of global
 average pooling.
+
+``forward_intermediates`` returns the stem's and each stage's feature maps, with OpenCLIP's
+signature and output keys.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import List
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import VisionConfig, as_tuple2
-from .layers import lock_groups
+from .layers import feature_take_indices, lock_groups
 
 
 class Bottleneck(nn.Module):
@@ -130,6 +133,36 @@ class ModifiedResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.attnpool(self.forward_features(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, Sequence[int]]] = None,
+                              stop_early: bool = False, normalize_intermediates: bool = False,
+                              intermediates_only: bool = False, output_fmt: str = "NCHW",
+                              output_extra_tokens: bool = False) -> Dict[str, Union[torch.Tensor, List[torch.Tensor]]]:
+        """Feature maps of the stem and the four stages (indices 0-4), as OpenCLIP's.
+
+        ``image_intermediates``: [B, C, H, W] maps in stage order; ``image_features``: the attention
+        pool's embedding (unless ``intermediates_only``), always from the whole network: OpenCLIP
+        computes it so wherever it returns one. ``normalize_intermediates`` and
+        ``output_extra_tokens`` do not apply (there is no final norm and no extra token); only
+        ``output_fmt="NCHW"`` exists. ``stop_early``: with ``intermediates_only`` the stages after
+        the last selected one are skipped anyway.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"Output format must be == NCHW, got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(5, indices)
+        blocks = [self.stem, self.layer1, self.layer2, self.layer3, self.layer4]
+        if intermediates_only:
+            blocks = blocks[:max_index + 1]
+        x = x.to(self.conv1.weight.dtype)
+        intermediates = []
+        for i, block in enumerate(blocks):
+            x = block(x)
+            if i in take_indices:
+                intermediates.append(x)
+        output: Dict[str, Union[torch.Tensor, List[torch.Tensor]]] = {"image_intermediates": intermediates}
+        if not intermediates_only:
+            output["image_features"] = self.attnpool(x)
+        return output
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Accepted for a uniform tower surface; ResNet stages are not checkpointed."""

@@ -3,10 +3,12 @@
 With ``embed_cls`` (CoCa) a learned CLS embedding is appended after the text: the contrastive
 feature is that position's output after ``ln_final``, the text tokens (without ``ln_final``) feed
 CoCa's decoder, and padding keys are masked with OpenCLIP's (shifted, "legacy") pad mask.
+
+``forward_intermediates`` returns every block's tokens with OpenCLIP's signature and output keys.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -87,8 +89,8 @@ class TextTransformer(nn.Module):
             return text
         return text[:, : int(self.pooled_lengths(text).max())]
 
-    def forward_features(self, text: torch.Tensor) -> torch.Tensor:
-        """Token features after ``ln_final``: [B, L', D] with L' <= context length (see ``_trim``)."""
+    def _embeds(self, text: torch.Tensor) -> torch.Tensor:
+        """Token plus positional embeddings [B, L, D] (no CLS), in the blocks' dtype."""
         seq = text.shape[1]
         if seq > self.positional_embedding.shape[0]:
             raise ValueError(f"text has {seq} tokens but the model's context length is "
@@ -96,9 +98,11 @@ class TextTransformer(nn.Module):
         dtype = self.transformer.resblocks[0].attn.in_proj_weight.dtype if len(self.transformer.resblocks) else None
         x = self.token_embedding(text)  # [B, L, D]
         x = x + self.positional_embedding[:seq].to(x.dtype)
-        if dtype is not None:
-            x = x.to(dtype)
-        x = self.transformer(x, is_causal=self.cfg.causal)
+        return x.to(dtype) if dtype is not None else x
+
+    def forward_features(self, text: torch.Tensor) -> torch.Tensor:
+        """Token features after ``ln_final``: [B, L', D] with L' <= context length (see ``_trim``)."""
+        x = self.transformer(self._embeds(text), is_causal=self.cfg.causal)
         return self.ln_final(x)
 
     def pool(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -111,6 +115,12 @@ class TextTransformer(nn.Module):
 
     def _cls_forward(self, text: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(pooled [B, D] after ln_final, text tokens [B, L, D] without it) with the appended CLS."""
+        x, mask = self._cls_embeds(text)
+        x = self.transformer(x, attn_mask=mask)
+        return self.ln_final(x[:, -1]), x[:, :-1]
+
+    def _cls_embeds(self, text: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings [B, L+1, D] with the CLS appended, and the attention mask [B, 1, L+1, L+1]."""
         batch, seq = text.shape
         if seq + 1 > self.positional_embedding.shape[0]:
             raise ValueError(f"text has {seq} tokens but the model's context length is {self.context_length}")
@@ -119,9 +129,7 @@ class TextTransformer(nn.Module):
         x = x + self.positional_embedding[:seq + 1].to(x.dtype)
         causal = torch.ones(seq + 1, seq + 1, dtype=torch.bool, device=text.device)
         causal = causal.tril() if self.cfg.causal else causal
-        mask = causal & self.key_valid(text, cls=True)[:, None, None, :]  # [B, 1, L+1, L+1]
-        x = self.transformer(x, attn_mask=mask)
-        return self.ln_final(x[:, -1]), x[:, :-1]
+        return x, causal & self.key_valid(text, cls=True)[:, None, None, :]
 
     def key_valid(self, text: torch.Tensor, cls: bool = False,
                   previous: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -163,12 +171,72 @@ class TextTransformer(nn.Module):
                 text = self._trim(text)
             tokens = self.forward_features(text)
             pooled = self.pool(tokens, text)
+        pooled = self.project(pooled)
+        return (pooled, tokens) if self.cfg.output_tokens else pooled
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
         # Casts are no-ops in fp32; they let bf16 inference keep the projection in fp32.
         if isinstance(self.text_projection, nn.Linear):
-            pooled = self.text_projection(pooled.to(self.text_projection.weight.dtype))
-        elif self.text_projection is not None:
-            pooled = pooled.to(self.text_projection.dtype) @ self.text_projection
-        return (pooled, tokens) if self.cfg.output_tokens else pooled
+            return self.text_projection(pooled.to(self.text_projection.weight.dtype))
+        if self.text_projection is not None:
+            return pooled.to(self.text_projection.dtype) @ self.text_projection
+        return pooled
+
+    def forward_intermediates(self, text: torch.Tensor, indices: Optional[Union[int, Sequence[int]]] = None,
+                              stop_early: bool = False, normalize_intermediates: bool = False,
+                              intermediates_only: bool = False, output_fmt: str = "NLC",
+                              output_extra_tokens: bool = False) -> Dict[str, Union[torch.Tensor, List[torch.Tensor]]]:
+        """Per-block token features, as OpenCLIP's ``TextTransformer.forward_intermediates``.
+
+        Args:
+            text: token ids [B, L], L <= context length (no trimming: every position is returned).
+            indices: which blocks: None all, an int the last n, a list those (negative from the end).
+            stop_early: do not run the blocks after the last selected one (``text_features`` then
+                pool that block's output).
+            normalize_intermediates: apply ``ln_final`` to every intermediate.
+            intermediates_only: return only the intermediates.
+            output_fmt: only "NLC" ([B, L, D]). OpenCLIP's default here is "NCHW", which it then
+                rejects; clipforge defaults to the one format that works.
+            output_extra_tokens: with an appended CLS (CoCa), also return its token per block.
+
+        Returns a dict: ``text_intermediates_suffix`` (CLS tokens [B, 1, D], with
+        ``output_extra_tokens`` and a CLS), ``text_intermediates`` (list, block order, CLS left out)
+        and ``text_features`` [B, output_dim] (unless ``intermediates_only``; not L2-normalised).
+        """
+        if output_fmt != "NLC":
+            raise ValueError(f"Output format must be NLC, got {output_fmt!r}")
+        if self.cls_emb is not None:
+            x, mask = self._cls_embeds(text)
+            x, intermediates = self.transformer.forward_intermediates(x, attn_mask=mask, indices=indices,
+                                                                      stop_early=stop_early)
+        else:
+            x, intermediates = self.transformer.forward_intermediates(self._embeds(text), indices=indices,
+                                                                      stop_early=stop_early,
+                                                                      is_causal=self.cfg.causal)
+        if normalize_intermediates:
+            intermediates = [self.ln_final(t) for t in intermediates]
+        output: Dict[str, Union[torch.Tensor, List[torch.Tensor]]] = {}
+        if self.cls_emb is not None:
+            if output_extra_tokens:
+                output["text_intermediates_suffix"] = [t[:, -1:] for t in intermediates]
+            intermediates = [t[:, :-1] for t in intermediates]
+        output["text_intermediates"] = intermediates
+        if intermediates_only:
+            return output
+        pooled = self.ln_final(x[:, -1]) if self.cls_emb is not None else self.pool(self.ln_final(x), text)
+        output["text_features"] = self.project(pooled)
+        return output
+
+    def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop the blocks after the last one ``indices`` selects (and ``ln_final`` / the projection);
+        returns the selected block indices. As OpenCLIP's."""
+        take_indices = self.transformer.prune_intermediate_layers(indices)
+        if prune_norm:
+            self.ln_final = nn.Identity()
+        if prune_head:
+            self.text_projection = None
+        return take_indices
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable

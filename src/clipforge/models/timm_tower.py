@@ -5,6 +5,7 @@ checkpoint, never from a download behind the user's back.
 """
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from typing import Optional
 
@@ -14,7 +15,8 @@ from torch import nn
 from ..config import VisionConfig
 
 POOLS = ("avg", "", "map", "token", "max", "avgmax", "abs_attn", "rot_attn")
-PROJS = ("linear", "mlp", "none", "")
+# None (JSON null, as EVA / PE / MobileCLIP configs have it) and "" both use timm's own classifier.
+PROJS = ("linear", "mlp", "none", "", None)
 
 
 def import_timm():
@@ -90,6 +92,32 @@ class TimmTower(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.trunk(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices=None, stop_early: bool = False,
+                              normalize_intermediates: bool = False, intermediates_only: bool = False,
+                              output_fmt: str = "NCHW", output_extra_tokens: bool = False) -> dict:
+        """Per-block features from timm's ``forward_intermediates``, keyed as OpenCLIP's ``TimmModel``:
+        ``image_intermediates``, ``image_intermediates_prefix`` (prefix tokens, with
+        ``output_extra_tokens`` on trunks that have them) and ``image_features`` (through timm's
+        head and this tower's ``head``, unless ``intermediates_only``)."""
+        if not hasattr(self.trunk, "forward_intermediates"):
+            raise ValueError(f"timm model {self.cfg.timm_model_name} has no forward_intermediates")
+        extra = {"return_prefix_tokens": True} if output_extra_tokens else {}
+        if output_extra_tokens and "return_prefix_tokens" not in inspect.signature(
+                self.trunk.forward_intermediates).parameters:
+            raise ValueError(f"output_extra_tokens: timm model {self.cfg.timm_model_name} has no prefix tokens")
+        trunk_out = self.trunk.forward_intermediates(x, indices=indices, intermediates_only=intermediates_only,
+                                                     norm=normalize_intermediates, stop_early=stop_early,
+                                                     output_fmt=output_fmt, **extra)
+        intermediates = trunk_out if intermediates_only else trunk_out[1]
+        output = {}
+        if output_extra_tokens and intermediates and isinstance(intermediates[0], tuple):
+            output["image_intermediates_prefix"] = [t[1] for t in intermediates]
+            intermediates = [t[0] for t in intermediates]
+        output["image_intermediates"] = intermediates
+        if not intermediates_only:
+            output["image_features"] = self.head(self.trunk.forward_head(trunk_out[0]))
+        return output
 
     def lock(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
         """Freeze the trunk except its last ``unlocked_groups`` timm layer groups; the head stays trainable."""

@@ -1,13 +1,19 @@
-"""The ViT image tower of CLIP (OpenAI / OpenCLIP layout)."""
+"""The ViT image tower of CLIP (OpenAI / OpenCLIP layout).
+
+``forward_intermediates`` gives per-block tokens for dense features and probing, with OpenCLIP's
+signature and output keys, so code written against ``open_clip`` runs unchanged.
+"""
 from __future__ import annotations
 
-from typing import Iterable, List, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from ..config import VisionConfig, as_tuple2
 from .layers import AttentionalPooler, PatchDropout, Transformer, activation, lock_groups, norm
+
+OUTPUT_FMTS = ("NCHW", "NLC")
 
 
 class VisionTransformer(nn.Module):
@@ -76,11 +82,79 @@ class VisionTransformer(nn.Module):
         """Token features after the trunk, before pooling: [B, 1+N, D]."""
         return self.transformer(self.embed(x))
 
-    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-        pooled, tokens = self.pool(self.forward_features(x))
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        if self.proj is None:  # removed by prune_intermediate_layers
+            return pooled
         # A no-op in fp32; lets bf16 inference keep the projection (and its output) in fp32.
-        pooled = pooled.to(self.proj.dtype) @ self.proj
+        return pooled.to(self.proj.dtype) @ self.proj
+
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """The image embedding [B, output_dim]; with ``output_tokens`` also the tokens after ``ln_post``
+        (patch tokens [B, N, D] for ``tok``/``avg`` pooling, the pooler's other queries with an
+        attentional pool, all tokens for ``none``), as OpenCLIP's tower returns them."""
+        pooled, tokens = self.pool(self.forward_features(x))
+        pooled = self.project(pooled)
         return (pooled, tokens) if self.cfg.output_tokens else pooled
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, Sequence[int]]] = None,
+                              stop_early: bool = False, normalize_intermediates: bool = False,
+                              intermediates_only: bool = False, output_fmt: str = "NCHW",
+                              output_extra_tokens: bool = False) -> Dict[str, Union[torch.Tensor, List[torch.Tensor]]]:
+        """Per-block features, as OpenCLIP's ``VisionTransformer.forward_intermediates``.
+
+        Args:
+            x: images [B, 3, H, W].
+            indices: which blocks: None all, an int the last n, a list those (negative from the end).
+            stop_early: do not run the blocks after the last selected one; the returned
+                ``image_features`` then pool that block's output (as OpenCLIP and timm do).
+            normalize_intermediates: apply ``ln_post`` to every intermediate.
+            intermediates_only: return only the intermediates.
+            output_fmt: "NCHW" (patch tokens as a [B, D, gh, gw] map) or "NLC" ([B, gh*gw, D]).
+            output_extra_tokens: also return the class token of each block, [B, 1, D].
+
+        Returns a dict: ``image_intermediates`` (list, block order), ``image_intermediates_prefix``
+        (with ``output_extra_tokens``) and ``image_features`` [B, output_dim] (unless
+        ``intermediates_only``; not L2-normalised).
+        """
+        if output_fmt not in OUTPUT_FMTS:
+            raise ValueError(f"Output format must be one of NCHW or NLC, got {output_fmt!r}")
+        batch, _, height, width = x.shape
+        x, intermediates = self.transformer.forward_intermediates(self.embed(x), indices=indices,
+                                                                  stop_early=stop_early)
+        if normalize_intermediates:
+            if isinstance(self.ln_post, nn.LayerNorm) and self.ln_post.normalized_shape[-1] != x.shape[-1]:
+                raise ValueError(f"normalize_intermediates applies ln_post, which normalises the attentional "
+                                 f"pooler's {self.ln_post.normalized_shape[-1]} channels, not the "
+                                 f"{x.shape[-1]} of the blocks' tokens")
+            intermediates = [self.ln_post(t) for t in intermediates]
+        prefix = [t[:, :1] for t in intermediates]  # the class token
+        intermediates = [t[:, 1:] for t in intermediates]
+        if output_fmt == "NCHW":
+            grid_h, grid_w = height // self.patch_size[0], width // self.patch_size[1]
+            if intermediates and intermediates[0].shape[1] != grid_h * grid_w:
+                raise ValueError(f"output_fmt 'NCHW' needs all {grid_h}x{grid_w} patch tokens, got "
+                                 f"{intermediates[0].shape[1]} (patch dropout while training?); use 'NLC'")
+            intermediates = [t.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous()
+                             for t in intermediates]
+        output: Dict[str, Union[torch.Tensor, List[torch.Tensor]]] = {"image_intermediates": intermediates}
+        if output_extra_tokens:
+            output["image_intermediates_prefix"] = prefix
+        if intermediates_only:
+            return output
+        pooled, _ = self.pool(x)
+        output["image_features"] = self.project(pooled)
+        return output
+
+    def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop the blocks after the last one ``indices`` selects (and ``ln_post`` / the projection);
+        returns the selected block indices. As OpenCLIP's, for a feature extractor."""
+        take_indices = self.transformer.prune_intermediate_layers(indices)
+        if prune_norm:
+            self.ln_post = nn.Identity()
+        if prune_head:
+            self.proj = None
+        return take_indices
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable
@@ -93,7 +167,7 @@ class VisionTransformer(nn.Module):
         embed = [self.conv1.weight, self.class_embedding, self.positional_embedding, *self.ln_pre.parameters()]
         blocks = [list(b.parameters()) for b in self.transformer.resblocks]
         head = [*(self.attn_pool.parameters() if self.attn_pool is not None else []), *self.ln_post.parameters()]
-        return [embed, *blocks[:-1], blocks[-1] + head, [self.proj]]
+        return [embed, *blocks[:-1], blocks[-1] + head, [self.proj] if self.proj is not None else []]
 
     def lock(self, unlocked_groups: int = 0) -> None:
         lock_groups(self, self.param_groups_for_lock(), unlocked_groups)

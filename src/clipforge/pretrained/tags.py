@@ -179,3 +179,96 @@ _TAGS += [_hub(m, "webli", "timm/" + _SIGLIP_REPOS.get(m, m), **_SIGLIP) for m i
 _TAGS += [_hub(m, tag, f"laion/{prefix}CoCa-{arch}-laion2B-s13B-b90k")
           for m, arch in (("coca_ViT-B-32", "ViT-B-32"), ("coca_ViT-L-14", "ViT-L-14"))
           for tag, prefix in (("laion2b_s13b_b90k", ""), ("mscoco_finetuned_laion2b_s13b_b90k", "mscoco_finetuned_"))]
+
+# ResNets trained by OpenCLIP on YFCC-15M / CC-12M (QuickGELU, as OpenAI's).
+_TAGS += [_hub(m, tag, f"timm/{timm_name}.{tag}", _release(file), quick_gelu=True) for m, tag, timm_name, file in (
+    ("RN50", "yfcc15m", "resnet50_clip", "rn50-quickgelu-yfcc15m-455df137.pt"),
+    ("RN50", "cc12m", "resnet50_clip", "rn50-quickgelu-cc12m-f000538c.pt"),
+    ("RN101", "yfcc15m", "resnet101_clip", "rn101-quickgelu-yfcc15m-3e04b30e.pt"))]
+# OpenCLIP's entry names the e31 Hub repo for the e32 release file; kept as OpenCLIP has it.
+_TAGS.append(_hub("ViT-B-16-plus-240", "laion400m_e32", "timm/vit_base_patch16_plus_clip_240.laion400m_e31",
+                  _release("vit_b_16_plus_240-laion400m_e32-699c4b84.pt")))
+
+# DataComp benchmark baselines: the filtered pool ("DataComp") and CommonPool with each filter, per scale.
+_DATACOMP_SCALES = {"ViT-B-32": [("S", "s13M-b4K"), ("M", "s128M-b4K")], "ViT-B-16": [("L", "s1B-b8K")]}
+for _model, _scales in _DATACOMP_SCALES.items():
+    for _scale, _samples in _scales:
+        _TAGS.append(_hub(_model, f"datacomp_{_scale}_{_samples}".lower().replace("-", "_"),
+                          f"laion/CLIP-{_model}-DataComp.{_scale}-{_samples}"))
+        for _filter in ("clip", "laion", "image", "text", "basic", ""):
+            _pool = f"CommonPool.{_scale}" + (f".{_filter}" if _filter else "")
+            _tag = f"commonpool_{_scale}_" + (f"{_filter}_" if _filter else "") + _samples
+            _TAGS.append(_hub(_model, _tag.lower().replace("-", "_"), f"laion/CLIP-{_model}-{_pool}-{_samples}"))
+_TAGS += [_hub("ViT-L-14", tag, f"laion/CLIP-ViT-L-14-CommonPool.XL{pool}-s13B-b90K")
+          for tag, pool in (("commonpool_xl_clip_s13b_b90k", ".clip"), ("commonpool_xl_laion_s13b_b90k", ".laion"),
+                            ("commonpool_xl_s13b_b90k", ""))]
+
+# More LAION ConvNeXt runs.
+_TAGS += [_hub(m, tag, "laion/" + repo) for m, tag, repo in (
+    ("convnext_base_w", "laion_aesthetic_s13b_b82k", "CLIP-convnext_base_w-laion_aesthetic-s13B-b82K"),
+    ("convnext_base_w_320", "laion_aesthetic_s13b_b82k_augreg", "CLIP-convnext_base_w_320-laion_aesthetic-s13B-b82K-augreg"),
+    ("convnext_large_d_320", "laion2b_s29b_b131k_ft", "CLIP-convnext_large_d_320.laion2B-s29B-b131K-ft"),
+    ("convnext_xxlarge", "laion2b_s34b_b82k_augreg", "CLIP-convnext_xxlarge-laion2B-s34B-b82K-augreg"),
+    ("convnext_xxlarge", "laion2b_s34b_b82k_augreg_rewind", "CLIP-convnext_xxlarge-laion2B-s34B-b82K-augreg-rewind"))]
+
+# EVA-CLIP (BAAI), image towers from timm.
+_TAGS += [_hub(m, tag, f"timm/{timm_name}.{tag}") for m, tag, timm_name in (
+    ("EVA01-g-14", "laion400m_s11b_b41k", "eva_giant_patch14_clip_224"),
+    ("EVA01-g-14-plus", "merged2b_s11b_b114k", "eva_giant_patch14_plus_clip_224"),
+    ("EVA02-B-16", "merged2b_s8b_b131k", "eva02_base_patch16_clip_224"),
+    ("EVA02-L-14", "merged2b_s4b_b131k", "eva02_large_patch14_clip_224"),
+    ("EVA02-L-14-336", "merged2b_s6b_b61k", "eva02_large_patch14_clip_336"),
+    ("EVA02-E-14", "laion2b_s4b_b115k", "eva02_enormous_patch14_clip_224"),
+    ("EVA02-E-14-plus", "laion2b_s9b_b144k", "eva02_enormous_patch14_plus_clip_224"))]
+
+# CLIPA (UCSC-VLAA): ImageNet normalisation, bilinear squash resize.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+_CLIPA = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bilinear", resize_mode="squash")
+_TAGS += [_hub(m, tag, f"UCSC-VLAA/{m}-{data}", **_CLIPA) for m, tag, data in (
+    ("ViT-L-14-CLIPA", "datacomp1b", "datacomp1B"), ("ViT-L-14-CLIPA-336", "datacomp1b", "datacomp1B"),
+    ("ViT-H-14-CLIPA", "datacomp1b", "datacomp1B"), ("ViT-H-14-CLIPA-336", "laion2b", "laion2B"),
+    ("ViT-H-14-CLIPA-336", "datacomp1b", "datacomp1B"), ("ViT-bigG-14-CLIPA", "datacomp1b", "datacomp1B"),
+    ("ViT-bigG-14-CLIPA-336", "datacomp1b", "datacomp1B"))]
+
+# NLLB-CLIP (multilingual NLLB text encoder); the SigLIP variants use SigLIP's preprocessing.
+_TAGS += [_hub(m, tag, "visheratin/" + repo, **kw) for m, tag, repo, kw in (
+    ("nllb-clip-base", "v1", "nllb-clip-base-oc", {}), ("nllb-clip-large", "v1", "nllb-clip-large-oc", {}),
+    ("nllb-clip-base-siglip", "v1", "nllb-clip-base-siglip", _SIGLIP),
+    ("nllb-clip-base-siglip", "mrl", "nllb-siglip-mrl-base", _SIGLIP),
+    ("nllb-clip-large-siglip", "v1", "nllb-clip-large-siglip", _SIGLIP),
+    ("nllb-clip-large-siglip", "mrl", "nllb-siglip-mrl-large", _SIGLIP))]
+
+# MobileCLIP / MobileCLIP2 (Apple): most take [0, 1] pixels (mean 0, std 1), bilinear.
+_UNIT = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bilinear")
+_TAGS += [_hub(m, tag, repo, **kw) for m, tag, repo, kw in (
+    ("MobileCLIP-S1", "datacompdr", "apple/MobileCLIP-S1-OpenCLIP", _UNIT),
+    ("MobileCLIP-S2", "datacompdr", "apple/MobileCLIP-S2-OpenCLIP", _UNIT),
+    ("MobileCLIP-B", "datacompdr", "apple/MobileCLIP-B-OpenCLIP", _UNIT),
+    ("MobileCLIP-B", "datacompdr_lt", "apple/MobileCLIP-B-LT-OpenCLIP", _UNIT),
+    ("MobileCLIP2-B", "dfndr2b", "timm/MobileCLIP2-B-OpenCLIP", _UNIT),
+    ("MobileCLIP2-S0", "dfndr2b", "timm/MobileCLIP2-S0-OpenCLIP", _UNIT),
+    ("MobileCLIP2-S2", "dfndr2b", "timm/MobileCLIP2-S2-OpenCLIP", _UNIT),
+    ("MobileCLIP2-S3", "dfndr2b", "timm/MobileCLIP2-S3-OpenCLIP", dict(interpolation="bilinear")),
+    ("MobileCLIP2-S4", "dfndr2b", "timm/MobileCLIP2-S4-OpenCLIP", dict(interpolation="bilinear")),
+    ("MobileCLIP2-L-14", "dfndr2b", "timm/MobileCLIP2-L-14-OpenCLIP", {}))]
+
+# ViTamin (DataComp-1B): plain state dicts named pytorch_model.bin in the authors' repos.
+_TAGS += [PretrainedTag(m, "datacomp1b", HubFile(f"jienengchen/{repo}", "pytorch_model.bin")) for m, repo in (
+    ("ViTamin-S", "ViTamin-S"), ("ViTamin-S-LTT", "ViTamin-S-LTT"), ("ViTamin-B", "ViTamin-B"),
+    ("ViTamin-B-LTT", "ViTamin-B-LTT"), ("ViTamin-L", "ViTamin-L-224px"), ("ViTamin-L-256", "ViTamin-L-256px"),
+    ("ViTamin-L-336", "ViTamin-L-336px"), ("ViTamin-L-384", "ViTamin-L-384px"), ("ViTamin-L2", "ViTamin-L2-224px"),
+    ("ViTamin-L2-256", "ViTamin-L2-256px"), ("ViTamin-L2-336", "ViTamin-L2-336px"),
+    ("ViTamin-L2-384", "ViTamin-L2-384px"), ("ViTamin-XL-256", "ViTamin-XL-256px"),
+    ("ViTamin-XL-336", "ViTamin-XL-336px"), ("ViTamin-XL-384", "ViTamin-XL-384px"))]
+
+# Perception Encoder core (Meta): [-1, 1] pixels, bilinear squash resize.
+_TAGS += [_hub(m, "meta", "timm/" + m, mean=INCEPTION_MEAN, std=INCEPTION_STD, interpolation="bilinear",
+               resize_mode="squash")
+          for m in ("PE-Core-T-16-384", "PE-Core-S-16-384", "PE-Core-B-16", "PE-Core-L-14-336", "PE-Core-bigG-14-448")]
+
+# MetaCLIP 2 "worldwide" (multilingual); the ViT-H-14 224px run used QuickGELU, the others GELU.
+_TAGS += [_hub(m, "metaclip2_worldwide", f"timm/{timm_name}.metaclip2_worldwide", **kw) for m, timm_name, kw in (
+    ("ViT-H-14-worldwide", "vit_huge_patch14_clip_224", dict(quick_gelu=True)),
+    ("ViT-H-14-worldwide-378", "vit_huge_patch14_clip_378", dict(resize_mode="squash")),
+    ("ViT-bigG-14-worldwide", "vit_gigantic_patch14_clip_224", {}),
+    ("ViT-bigG-14-worldwide-378", "vit_gigantic_patch14_clip_378", dict(resize_mode="squash")))]

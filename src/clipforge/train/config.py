@@ -24,11 +24,12 @@ from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Namesp
 from ..atomic import write_text
 from ..data.loader import DataConfig
 from ..data.synthetic import ShapesConfig
-from ..precision import check_precision
+from ..precision import AUTO, PRECISIONS
 from ..transforms import AugmentationConfig
 
 SCHEDULES = ("cosine", "const", "const-cooldown")
-LOSSES = ("auto", "clip", "siglip", "coca")
+OPTIMIZER_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for-loop")
+LOSSES = ("auto", "clip", "siglip", "coca", "distill")
 
 
 @dataclass
@@ -81,12 +82,38 @@ class OptimSettings:
     """learning rate at the end of the cooldown"""
     grad_clip_norm: Optional[float] = None
     """clip the global gradient norm to this; null: no clipping"""
+    implementation: str = "auto"
+    """AdamW kernel: auto (fused, or foreach for FSDP2's sharded parameters) | fused | foreach | for-loop"""
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.implementation not in OPTIMIZER_IMPLEMENTATIONS:
+            raise ValueError(f"optim.implementation must be one of {OPTIMIZER_IMPLEMENTATIONS}, "
+                             f"got {self.implementation!r}")
         if self.lr <= 0 or self.warmup_steps < 0 or self.cooldown_steps < 0:
             raise ValueError("optim.lr must be > 0, warmup_steps and cooldown_steps >= 0")
+
+
+@dataclass
+class TeacherSettings:
+    """The frozen model a ``loss.kind=distill`` run learns from (OpenCLIP's --distill-model/--distill-pretrained).
+
+    Named as ``model`` is: an architecture with a tag or a weights file, a ``local-dir:`` / ``hf-hub:``
+    directory (e.g. another run's ``final``), or just a checkpoint file whose architecture is inferred.
+    As in OpenCLIP the teacher sees the student's batches, so it must share their image size,
+    normalisation, tokenizer and context length (checked when the run starts).
+    """
+
+    name: Optional[str] = None
+    """registered architecture, hf-hub:/local-dir: name, or a model JSON file; null: inferred from pretrained"""
+    config: Optional[Dict[str, Any]] = None
+    """inline OpenCLIP-style model config; replaces name's"""
+    pretrained: Optional[str] = None
+    """tag or checkpoint file of the teacher's weights"""
+
+    def given(self) -> bool:
+        return self.name is not None or self.config is not None or self.pretrained is not None
 
 
 @dataclass
@@ -107,15 +134,70 @@ class LossSettings:
     """memory-bounded exact InfoNCE in row blocks of this size; null: one block"""
     siglip_dist_impl: str = "bidir"
     """sigmoid loss across ranks: how features travel between them (OpenCLIP's dist_impl)"""
+    teacher: TeacherSettings = field(default_factory=TeacherSettings)
+    """distill: the frozen teacher whose logits are the student's soft targets"""
 
     def __post_init__(self) -> None:
         if self.kind not in LOSSES:
             raise ValueError(f"loss.kind must be one of {LOSSES}, got {self.kind!r}")
+        if self.kind == "distill":
+            if not self.teacher.given():
+                raise ValueError("loss.kind=distill needs a teacher: set loss.teacher.name and loss.teacher.pretrained "
+                                 "(e.g. ViT-B-32 and openai), or loss.teacher.pretrained to a checkpoint file")
+            if self.chunk_size is not None:
+                raise ValueError("loss.chunk_size does not apply to loss.kind=distill: the teacher's soft targets "
+                                 "need whole rows of logits; unset chunk_size")
+        elif self.teacher.given():
+            raise ValueError(f"loss.teacher is set but loss.kind={self.kind}: a teacher is only used by "
+                             "loss.kind=distill")
+
+
+@dataclass
+class ZeroShotSettings:
+    """Zero-shot classification during training (OpenCLIP's --imagenet-val), and a guard against forgetting.
+
+    Accuracy is measured before the first update (step 0) and then on this schedule; each row also
+    logs the drop since step 0 (``zeroshot_acc1_drop``: step-0 acc1 minus now, in accuracy units).
+    """
+
+    data: Optional[str] = None
+    """ImageFolder (root/<class>/<image>) or a filepath,label CSV/TSV; null: no zero-shot validation"""
+    classnames: Optional[Union[str, List[str]]] = None
+    """a list, a JSON file ({"classes": [...], "templates": [...]}) or a text file (one per line); null: folder names"""
+    templates: Optional[Union[str, List[str]]] = None
+    """a list, a JSON/text file, or a built-in set (imagenet1k, imagenet1k_simple, cifar10, cifar100); null: the classnames JSON's, else OpenAI's 80 ImageNet templates"""
+    batch_size: int = 256
+    """images per zero-shot batch"""
+    max_images: Optional[int] = None
+    """evaluate a fixed random subset of this many images (the same at every validation); null: all"""
+    every_n_steps: Optional[int] = None
+    """zero-shot every N optimizer steps; null: only by epochs"""
+    every_n_epochs: Optional[int] = 1
+    """zero-shot every N epochs; null: only by steps"""
+    warn_drop: Optional[float] = None
+    """warn when acc1 has fallen this much below step 0 (0.05: five points); null: never"""
+    stop_drop: Optional[float] = None
+    """stop cleanly (checkpoint and final model saved) when acc1 has fallen this much below step 0; null: never"""
+    workers: int = 0
+    """data-loading processes for zero-shot validation"""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or (self.max_images is not None and self.max_images < 1):
+            raise ValueError(f"batch_size and max_images must be >= 1, got {self.batch_size} and {self.max_images}")
+        for name in ("every_n_steps", "every_n_epochs"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 or null, got {getattr(self, name)}")
+        for name in ("warn_drop", "stop_drop"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} is an accuracy drop in [0, 1] (0.05 = five points), got {value}")
+            if value is not None and self.data is None:
+                raise ValueError(f"{name} needs data (the ImageFolder to measure zero-shot accuracy on)")
 
 
 @dataclass
 class ValSettings:
-    """Retrieval validation during training."""
+    """Retrieval validation during training, and zero-shot classification (``zeroshot``)."""
 
     data: Optional[str] = None
     """CSV/TSV, COCO captions JSON or JSONL with several captions per image; null: no validation"""
@@ -133,6 +215,8 @@ class ValSettings:
     """validate every N epochs; null: only by steps"""
     workers: int = 0
     """data-loading processes for validation"""
+    zeroshot: ZeroShotSettings = field(default_factory=ZeroShotSettings)
+    """zero-shot classification on an ImageFolder, with its own schedule, and the forgetting guard"""
 
 
 @dataclass
@@ -160,8 +244,9 @@ class TrainConfig:
     """per rank and per micro-batch"""
     accum_freq: int = 1
     """GradCache: one optimizer step on accum_freq micro-batches = one batch that large"""
-    precision: str = "fp32"
-    """fp32 | bf16 (autocast, CPU or GPU) | fp16 (autocast + grad scaler, GPU)"""
+    precision: str = "auto"
+    """auto (bf16 where the device computes bf16 in hardware, else fp32; the log says which and why) | fp32 |
+    bf16 (autocast, CPU or GPU) | fp16 (autocast + grad scaler, GPU)"""
     device: str = "auto"
     """auto: this rank's GPU if there is one, else CPU"""
     distributed: str = "ddp"
@@ -172,6 +257,8 @@ class TrainConfig:
     """data-loading processes per rank"""
     threads: Optional[int] = None
     """torch intra-op threads per rank; null leaves torch's default"""
+    compile: bool = False
+    """torch.compile the training forward/backward (OpenCLIP's --torchcompile); the first steps pay the compile time"""
 
     output_dir: str = "runs"
     """parent folder of run folders"""
@@ -198,7 +285,8 @@ class TrainConfig:
     """show a progress bar"""
 
     def __post_init__(self) -> None:
-        check_precision(self.precision)
+        if self.precision != AUTO and self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {[AUTO, *PRECISIONS]}, got {self.precision!r}")
         if self.distributed not in ("ddp", "fsdp"):
             raise ValueError(f"distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
         for name in ("epochs", "batch_size", "accum_freq", "keep_last", "log_every_n_steps"):
@@ -424,5 +512,5 @@ def _build(cls: type, ns: Union[Namespace, Any], where: str) -> Any:
         raise ValueError(f"{where}: {e}") from e
 
 
-__all__ = ["TrainConfig", "ModelSettings", "OptimSettings", "LossSettings", "ValSettings", "DataConfig",
+__all__ = ["TrainConfig", "ModelSettings", "OptimSettings", "LossSettings", "TeacherSettings", "ValSettings", "ZeroShotSettings", "DataConfig",
            "AugmentationConfig", "ShapesConfig", "config_parser", "parse_config", "load_config", "save_config"]

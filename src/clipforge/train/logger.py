@@ -2,6 +2,9 @@
 
 ``metrics.jsonl`` is the source of truth: plots are redrawn from it, and on resume the rows
 written after the checkpoint's step are dropped so the file reads as one uninterrupted run.
+Rows carry a ``kind``: ``train``, ``val`` (retrieval), ``zeroshot`` (accuracy and its drop since
+step 0), ``stop`` (the forgetting guard's reason), ``resume``. TensorBoard and wandb get every
+number of every row under its own key (``zeroshot_acc1``, ``zeroshot_acc1_drop``, ``val_loss`` ...).
 ``skipped.jsonl`` lists every skipped sample (step, file, source row, reason), resumed the same way.
 """
 from __future__ import annotations
@@ -78,7 +81,8 @@ def truncate_after(path: Path, step: int) -> None:
 
 
 def plot_metrics(run_dir: Path) -> List[Path]:
-    """``training_curves.png`` (loss, learning rate, logit scale) and ``validation.png`` if there was any."""
+    """``training_curves.png`` (loss, learning rate, logit scale) and ``validation.png`` if there was any
+    validation: retrieval recall and loss (``kind: val`` rows), zero-shot accuracy (``kind: zeroshot``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,13 +90,9 @@ def plot_metrics(run_dir: Path) -> List[Path]:
 
     rows = read_metrics(Path(run_dir) / METRICS_FILE)
     train = [r for r in rows if r.get("kind") == "train"]
-    val = [r for r in rows if r.get("kind") == "val"]
     written = []
 
-    def save(fig, axes, name: str) -> None:
-        for ax in axes:
-            ax.set_xlabel("step")
-            ax.grid(alpha=0.3)
+    def save(fig, name: str) -> None:
         fig.tight_layout()
         written.append(Path(run_dir) / name)
         fig.savefig(written[-1], dpi=110)
@@ -105,17 +105,55 @@ def plot_metrics(run_dir: Path) -> List[Path]:
                                   ("training loss", "learning rate", "logit scale (exp)")):
             ax.plot(steps, [r.get(key, math.nan) for r in train])
             ax.set_title(title)
-        save(fig, axes, "training_curves.png")
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        save(fig, "training_curves.png")
+    fig = validation_figure(rows)
+    if fig is not None:
+        save(fig, "validation.png")
+    return written
+
+
+def validation_figure(rows: List[Dict[str, Any]]):
+    """The validation figure of ``metrics.jsonl`` rows (a matplotlib Figure), or None without validation rows.
+
+    Panels: retrieval recall and validation loss when retrieval validation ran; zero-shot top-1/top-5
+    accuracy when zero-shot validation ran, with its step-0 value as a dashed line (the forgetting guard's
+    reference).
+    """
+    import matplotlib.pyplot as plt
+
+    val = [r for r in rows if r.get("kind") == "val"]
+    zeroshot = [r for r in rows if r.get("kind") == "zeroshot"]
+    if not val and not zeroshot:
+        return None
+    fig, axes = plt.subplots(1, 2 * bool(val) + bool(zeroshot), figsize=(5 * (2 * bool(val) + bool(zeroshot)), 3.6),
+                             squeeze=False)
+    axes = list(axes[0])
     if val:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        recall, loss = axes[0], axes[1]
         steps = [r["step"] for r in val]
         for k in (1, 5, 10):
-            axes[0].plot(steps, [r[f"image_retrieval_recall@{k}"] for r in val], marker="o", label=f"text→image R@{k}")
-            axes[0].plot(steps, [r[f"text_retrieval_recall@{k}"] for r in val], marker="x", ls="--",
-                         label=f"image→text R@{k}")
-        axes[0].set_title("validation retrieval recall")
-        axes[0].legend(fontsize=7)
-        axes[1].plot(steps, [r["val_loss"] for r in val], marker="o")
-        axes[1].set_title("validation loss")
-        save(fig, axes, "validation.png")
-    return written
+            recall.plot(steps, [r[f"image_retrieval_recall@{k}"] for r in val], marker="o", label=f"text→image R@{k}")
+            recall.plot(steps, [r[f"text_retrieval_recall@{k}"] for r in val], marker="x", ls="--",
+                        label=f"image→text R@{k}")
+        recall.set_title("validation retrieval recall")
+        recall.legend(fontsize=7)
+        loss.plot(steps, [r["val_loss"] for r in val], marker="o")
+        loss.set_title("validation loss")
+    if zeroshot:
+        ax = axes[-1]
+        steps = [r["step"] for r in zeroshot]
+        for key, label in (("zeroshot_acc1", "top-1"), ("zeroshot_acc5", "top-5")):
+            if all(key in r for r in zeroshot):
+                ax.plot(steps, [r[key] for r in zeroshot], marker="o", label=label)
+        baseline = [r for r in zeroshot if r["step"] == r.get("baseline_step")]
+        if baseline:
+            ax.axhline(baseline[0]["zeroshot_acc1"], color="gray", ls="--", lw=1,
+                       label=f"top-1 at step {baseline[0]['step']}")
+        ax.set_title("zero-shot accuracy")
+        ax.legend(fontsize=7)
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    return fig

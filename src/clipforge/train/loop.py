@@ -20,19 +20,21 @@ from ..config import CLIPConfig, PreprocessConfig
 from ..data.loader import build_train_loader
 from ..data.robust import DataError
 from ..factory import create_model, get_tokenizer, preprocess_config
-from ..loss import ClipLoss, CoCaLoss, SigLipLoss
+from ..loss import ClipLoss, CoCaLoss, DistillClipLoss, SigLipLoss
 from ..models import build_model as build_architecture
 from ..models.clip import CLIP
+from ..precision import resolve_precision
 from ..transforms import image_transform
 from .checkpoint import (find_resume, gather_rng_states, list_checkpoints, load_optimizer_state, model_state,
                          optimizer_state, prepare_checkpoint_dir, save_checkpoint, set_rng_state)
-from .config import LossSettings, ModelSettings, TrainConfig, save_config
+from .config import LossSettings, ModelSettings, TeacherSettings, TrainConfig, save_config
 from .distributed import (DistInfo, all_reduce_mean, barrier, clip_grad_norm, init_distributed, replicated_params,
                           shutdown_distributed, sync_replicated_grads, unwrap, wrap_model)
 from .logger import SKIPPED_FILE, MetricsLogger, plot_metrics
 from .optim import build_optimizer, lr_at, set_lr
 from .step import forward_backward
-from .validate import build_val_loader, validate
+from .teacher import build_teacher
+from .validate import accuracy_drops, build_val_loader, build_zeroshot_task, validate, zeroshot_metrics
 
 MAX_LOGIT_SCALE = math.log(100)  # OpenCLIP clamps the learned temperature at 100
 
@@ -100,7 +102,15 @@ def resume_mismatches(saved_config: Dict[str, Any], cfg: TrainConfig) -> List[st
     saved = (saved_config or {}).get("model", {})
     current = cfg.to_dict()["model"]
     return [f"model.{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}"
-            for k in _MODEL_DEFINING if saved.get(k) != current.get(k)]
+            for k in _MODEL_DEFINING if saved.get(k) != current.get(k)] + _teacher_mismatch(saved_config, cfg)
+
+
+def _teacher_mismatch(saved_config: Dict[str, Any], cfg: TrainConfig) -> List[str]:
+    """``loss.teacher`` when it differs from the checkpoint's: a resumed distillation keeps its teacher."""
+    default = dataclasses.asdict(TeacherSettings())
+    saved = ((saved_config or {}).get("loss") or {}).get("teacher") or default
+    current = cfg.to_dict()["loss"]["teacher"]
+    return [] if saved == current else [f"loss.teacher: checkpoint {saved!r}, config {current!r}"]
 
 
 def resolve_loss_kind(requested: Optional[str], model: CLIP) -> Tuple[str, Optional[str]]:
@@ -112,6 +122,9 @@ def resolve_loss_kind(requested: Optional[str], model: CLIP) -> Tuple[str, Optio
     parameter cannot work and is refused, as is any other loss for a CoCa.
     """
     if model.cfg.model_kind == "coca":
+        if requested == "distill":
+            raise ValueError("loss.kind=distill: distillation into a CoCa model is not supported (nor in OpenCLIP): "
+                             "its captioning loss has no teacher target; use loss.kind=auto")
         if requested not in (None, "auto", "coca"):
             raise ValueError(f"loss.kind={requested}: a CoCa model trains with the CoCa loss "
                              "(contrastive + captioning); use loss.kind=auto")
@@ -122,7 +135,7 @@ def resolve_loss_kind(requested: Optional[str], model: CLIP) -> Tuple[str, Optio
     if requested == "siglip" and model.logit_bias is None:
         raise ValueError("loss.kind=siglip needs a model with a logit bias (init_logit_bias in its config); "
                          "this model has none: use loss.kind=auto (InfoNCE) or a SigLIP architecture")
-    if requested != natural:
+    if natural == "siglip" and requested != natural:
         return requested, (f"loss.kind={requested} on a model with a logit bias (SigLIP, init_logit_bias="
                            f"{model.cfg.init_logit_bias}): training with InfoNCE, which ignores the bias; "
                            f"loss.kind=auto would use the sigmoid loss this model was trained with")
@@ -130,6 +143,9 @@ def resolve_loss_kind(requested: Optional[str], model: CLIP) -> Tuple[str, Optio
 
 
 def build_loss(kind: str, cfg: LossSettings, info: DistInfo) -> torch.nn.Module:
+    if kind == "distill":
+        return DistillClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad, cache_labels=True,
+                               rank=info.rank, world_size=info.world_size)
     if kind == "coca":
         return CoCaLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad, cache_labels=True,
                         rank=info.rank, world_size=info.world_size, chunk_size=cfg.chunk_size)
@@ -166,9 +182,10 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, info: DistInfo):
         self.cfg, self.info = cfg, info
+        self.precision, self.precision_reason = resolve_precision(cfg.precision, info.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        if cfg.precision == "fp16" and info.device.type != "cuda":
+        if self.precision == "fp16" and info.device.type != "cuda":
             raise ValueError("precision fp16 needs a GPU (a grad scaler over fp16 autocast); use bf16 on the CPU")
         self.run_dir = cfg.run_dir
         if info.is_main:  # what a killed run left: temporaries, a checkpoint beyond keep_last
@@ -207,24 +224,37 @@ class Trainer:
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
 
         self.wrapped = wrap_model(self.model, cfg.distributed, info)
+        if cfg.compile:  # the parameters stay self.model's: checkpoints, validation and export are unchanged
+            self.wrapped = torch.compile(self.wrapped)
         self.replicated = replicated_params(self.model, cfg.distributed, info)
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.loss_kind, loss_warning = resolve_loss_kind(cfg.loss.kind, self.model)
         self.notes: List[str] = point.notes + ([loss_warning] if loss_warning else [])
         if loss_warning and info.is_main:
             warnings.warn(loss_warning, stacklevel=2)
         self.loss_fn = build_loss(self.loss_kind, cfg.loss, info)
+        # distill: the frozen teacher, outside the model, its optimizer and its checkpoints (train/teacher.py)
+        self.teacher = build_teacher(cfg.loss.teacher, self.model, pp, self.precision, info.device) \
+            if self.loss_kind == "distill" else None
         self.step = self.epoch = self.batch_in_epoch = 0
         if resumed is not None:
             self._restore(resumed, resume_path)
         self.val_loader = build_val_loader(cfg.val, image_transform(pp, False)) if cfg.val.data else None
+        zs = cfg.val.zeroshot
+        self.zeroshot = build_zeroshot_task(zs.data, image_transform(pp, False), zs.classnames, zs.templates,
+                                            zs.batch_size, zs.max_images, zs.workers, "val.zeroshot") \
+            if zs.data else None
+        # zero-shot metrics before any update: what the forgetting guard compares with (kept in checkpoints)
+        self.zeroshot_baseline: Optional[Dict[str, float]] = (resumed or {}).get("zeroshot_baseline")
         self.logger = None
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
             self.logger = MetricsLogger(self.run_dir, cfg.tensorboard, cfg.wandb, cfg.wandb_project,
                                         cfg.to_dict(), resume_step=self.step if resumed is not None else None)
+            if cfg.progress or cfg.precision != self.precision:  # also in summary.json
+                tqdm.write(f"precision {self.precision} ({self.precision_reason})")
             if point.notes:
                 self.logger.log({"kind": "resume", "step": self.step, "checkpoint": str(resume_path) if resume_path else None,
                                  "notes": point.notes})
@@ -233,6 +263,9 @@ class Trainer:
         self.last_saved_step: Optional[int] = self.step if resumed is not None else None
         self.last_val: Dict[str, float] = {}
         self.last_val_step: Optional[int] = None  # on every rank, so all ranks take the same branches
+        self.last_zeroshot: Dict[str, float] = {}
+        self.last_zeroshot_step: Optional[int] = None
+        self.stop_reason: Optional[str] = None  # set by the forgetting guard (val.zeroshot.stop_drop)
 
     def _restore(self, state: Dict[str, Any], path: Path) -> None:
         try:
@@ -259,7 +292,9 @@ class Trainer:
         samples_done = 0
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress and info.is_main),
                    desc="train", unit="step", dynamic_ncols=True)
-        while self.step < self.total_steps:
+        if self.zeroshot is not None and self.zeroshot_baseline is None:
+            self._zero_shot()  # step 0 (or the first step of a resumed run that had no baseline)
+        while self.step < self.total_steps and self.stop_reason is None:
             self.loader.set_epoch(self.epoch, self.batch_in_epoch)
             consumed = [self.batch_in_epoch]
             epoch_end = self.steps_per_epoch * accum
@@ -269,7 +304,8 @@ class Trainer:
                 lr = lr_at(self.step, cfg.optim, self.total_steps)
                 set_lr(self.optimizer, lr)
                 self.optimizer.zero_grad(set_to_none=True)
-                loss = forward_backward(self.wrapped, self.loss_fn, micro, cfg.precision, info.device, self._backward)
+                loss = forward_backward(self.wrapped, self.loss_fn, micro, self.precision, info.device, self._backward,
+                                        teacher=self.teacher)
                 loss = all_reduce_mean(loss.float(), info)
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
@@ -290,12 +326,14 @@ class Trainer:
                     window_start, window_samples = time.perf_counter(), 0
                 if cfg.val.every_n_steps and self.step % cfg.val.every_n_steps == 0:
                     self._validate()
+                if cfg.val.zeroshot.every_n_steps and self.step % cfg.val.zeroshot.every_n_steps == 0:
+                    self._zero_shot()
                 if cfg.save_every_n_steps and self.step % cfg.save_every_n_steps == 0:
                     self._save()
                 if consumed[0] >= epoch_end:
                     break  # the ragged tail of fewer than accum_freq batches is dropped
-                if self.step >= self.total_steps:
-                    reached_total = True
+                if self.step >= self.total_steps or self.stop_reason is not None:
+                    reached_total = True  # (a guard's stop, too, leaves the epoch open: it resumes mid-epoch)
                     break
             if self.step == epoch_start_step and not reached_total:
                 raise DataError(f"epoch {self.epoch} gave no training batch: {self.loader.stats.summary()}")
@@ -304,6 +342,8 @@ class Trainer:
                 self.batch_in_epoch = 0
                 if cfg.val.every_n_epochs and self.epoch % cfg.val.every_n_epochs == 0:
                     self._validate()
+                if cfg.val.zeroshot.every_n_epochs and self.epoch % cfg.val.zeroshot.every_n_epochs == 0:
+                    self._zero_shot()
                 if cfg.save_every_n_epochs and self.epoch % cfg.save_every_n_epochs == 0:
                     self._save()
         bar.close()
@@ -311,6 +351,8 @@ class Trainer:
             self._save()
         if cfg.val.data and self.last_val_step != self.step:
             self._validate()
+        if self.zeroshot is not None and self.last_zeroshot_step != self.step:
+            self._zero_shot()
         wall = time.perf_counter() - start_time
         return self._finish(wall, samples_done, self.step - start_step)
 
@@ -358,6 +400,44 @@ class Trainer:
                 plot_metrics(self.run_dir)  # plots follow validation and the end of the run, not each save
         barrier(self.info)
 
+    def _zero_shot(self) -> None:
+        """Zero-shot accuracy now, its drop since step 0, and the forgetting guard's warning or stop."""
+        if self.zeroshot is None:
+            return
+        self.last_zeroshot_step = self.step
+        zs = self.cfg.val.zeroshot
+        sharded = self.cfg.distributed == "fsdp" and self.info.distributed
+        stop = None
+        if self.info.is_main or sharded:  # as _validate: FSDP2 forward needs every rank
+            metrics = zeroshot_metrics(unwrap(self.model), self.tokenizer, self.zeroshot, self.info.device)
+            if self.zeroshot_baseline is None:
+                self.zeroshot_baseline = {"step": self.step, **metrics}
+            drops = accuracy_drops(self.zeroshot_baseline, metrics)
+            self.last_zeroshot = {"step": self.step, **metrics, **drops}
+            drop = drops["zeroshot_acc1_drop"]
+            since = f"step {self.zeroshot_baseline['step']}"
+            text = (f"zero-shot acc1 {metrics['zeroshot_acc1']:.4f} at step {self.step}, "
+                    f"{self.zeroshot_baseline['zeroshot_acc1']:.4f} at {since} (drop {drop:+.4f})")
+            if zs.stop_drop is not None and drop > zs.stop_drop:
+                stop = (f"stopped by the forgetting guard: {text} is more than val.zeroshot.stop_drop="
+                        f"{zs.stop_drop}; the checkpoint and final/ hold step {self.step}")
+            elif zs.warn_drop is not None and drop > zs.warn_drop and self.info.is_main:
+                warnings.warn(f"forgetting: {text} is more than val.zeroshot.warn_drop={zs.warn_drop}", stacklevel=2)
+            if self.logger is not None:
+                self.logger.log({"kind": "zeroshot", "step": self.step, "epoch": self.epoch, **metrics, **drops,
+                                 "baseline_step": self.zeroshot_baseline["step"]})
+                tqdm.write(f"step {self.step}: {text}")
+                plot_metrics(self.run_dir)
+        # every rank stops together: rank 0's decision, shared
+        flag = all_reduce_mean(torch.tensor(1.0 if stop else 0.0, device=self.info.device), self.info)
+        if flag.item() > 0:
+            self.stop_reason = stop or "stopped by the forgetting guard on rank 0 (val.zeroshot.stop_drop)"
+            self.notes.append(self.stop_reason)
+            if self.logger is not None:
+                self.logger.log({"kind": "stop", "step": self.step, "reason": self.stop_reason})
+                tqdm.write(self.stop_reason)
+        barrier(self.info)
+
     def _save(self) -> None:
         state = {"state_dict": model_state(self.model), "optimizer": optimizer_state(self.optimizer),
                  "rng": gather_rng_states(self.info.world_size)}
@@ -365,7 +445,7 @@ class Trainer:
             state.update(step=self.step, epoch=self.epoch, batch=self.batch_in_epoch,
                          scaler=self.scaler.state_dict() if self.scaler is not None else None,
                          config=self.cfg.to_dict(), model_config=unwrap(self.model).cfg.to_dict(),
-                         preprocess_config=self.preprocess.to_dict(),
+                         preprocess_config=self.preprocess.to_dict(), zeroshot_baseline=self.zeroshot_baseline,
                          world_size=self.info.world_size, data_stats=self.loader.stats.state_dict())
             save_checkpoint(state, self.run_dir, self.cfg.keep_last)
         self.last_saved_step = self.step
@@ -379,7 +459,9 @@ class Trainer:
         summary: Dict[str, Any] = {"steps": self.step, "epochs_completed": self.epoch, "wall_seconds": wall,
                                    "samples_per_s": samples / max(wall, 1e-9), "steps_this_run": steps,
                                    "data": self.loader.stats.state_dict(), "val": self.last_val,
-                                   "loss_kind": self.loss_kind, "notes": self.notes,
+                                   "loss_kind": self.loss_kind, "precision": self.precision,
+                                   "precision_reason": self.precision_reason, "notes": self.notes,
+                                   "zeroshot": self.last_zeroshot, "stopped": self.stop_reason,
                                    "data_summary": self.loader.stats.summary(), "final": str(self.run_dir / "final")}
         if self.loader.stats.skipped:
             summary["data_summary"] += f" (every skipped sample of rank 0: {self.run_dir / SKIPPED_FILE})"

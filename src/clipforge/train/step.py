@@ -9,6 +9,9 @@ are used with gradient in one pass only, so their gradient is not counted ``k`` 
 Captioning models (CoCa: outputs with ``logits`` and ``labels``) add the captioning cross-entropy.
 It is a per-token mean, so accumulation is exact too: each micro-batch contributes its token sum
 divided by the token count of the whole batch (counted from the texts before the first pass).
+
+With a ``teacher`` (distillation) the loss is ``DistillClipLoss`` against the teacher's outputs on
+all micro-batches, computed once before the passes; the accumulation above is exact for it too.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from torch import Tensor, nn
 from ..loss import CoCaLoss
 from ..precision import autocast
 from .distributed import no_grad_sync
+from .teacher import Teacher
 
 MicroBatch = Tuple[Tensor, Tensor]
 
@@ -53,9 +57,12 @@ def forward_backward(
     precision: str,
     device: torch.device,
     backward: Callable[[Tensor], None] = lambda loss: loss.backward(),
+    teacher: Optional[Teacher] = None,
 ) -> Tensor:
     """Accumulate gradients of the contrastive loss over ``micro_batches``; returns the (detached) loss."""
     moved = [(img.to(device, non_blocking=True), txt.to(device, non_blocking=True)) for img, txt in micro_batches]
+    if teacher is not None:  # distillation: the teacher scores all micro-batches once, without gradient
+        loss_fn = teacher.objective(loss_fn, moved)
     if len(moved) == 1:
         images, texts = moved[0]
         with autocast(precision, device):
