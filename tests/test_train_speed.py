@@ -36,7 +36,12 @@ def _batch(n: int = 8):
 
 def test_auto_kernel_choice():
     params = [torch.nn.Parameter(torch.randn(3))]
-    assert optimizer_kernel(OptimSettings(), params) == {"fused": True, "foreach": False}
+    assert optimizer_kernel(OptimSettings(), params) == {"fused": False, "foreach": True}  # CPU
+    from types import SimpleNamespace
+    on_gpu = [SimpleNamespace(device=torch.device("cuda", 0))]  # only the device is looked at
+    assert optimizer_kernel(OptimSettings(), on_gpu) == {"fused": True, "foreach": False}
+    meta = [torch.nn.Parameter(torch.randn(3, device="meta"))]
+    assert optimizer_kernel(OptimSettings(implementation="fused"), meta) == {"fused": True, "foreach": False}
     assert optimizer_kernel(OptimSettings(implementation="for-loop"), params) == {"fused": False, "foreach": False}
     with pytest.raises(ValueError, match="optim.implementation must be one of"):
         OptimSettings(implementation="apex")
