@@ -26,26 +26,18 @@ from clipforge.export import (CONFIG_NAME, ExportOptions, Int8AccuracyError, Onn
 from clipforge.factory import preprocess_config  # noqa: E402
 from clipforge.models.clip import CLIP  # noqa: E402
 from train_utils import TINY_MODEL  # noqa: E402
+from parity_utils import perturb  # noqa: E402
 
 PARITY = 1e-4  # max abs difference on unnormalised features, onnxruntime / torch.export vs OpenCLIP
 PROMPTS = ["a cat", "a photo of a dog lying on a red sofa next to a window", "x", "",
            "an astronaut riding a horse on the moon, oil painting, highly detailed, trending"]
 
 
-def _perturb(module, scale=0.02, seed=1):
-    """Shift every floating tensor so zero/one-initialised biases and norms are exercised too."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in module.state_dict().values():
-            if t.is_floating_point():
-                t.add_(torch.randn(t.shape, generator=gen) * scale)
-
-
 def _reference(name, tmp_path_factory):
     """(seeded OpenCLIP model, its checkpoint file in a tmp folder)."""
     torch.manual_seed(0)
     ref = open_clip.create_model(name).eval()
-    _perturb(ref)
+    perturb(ref)
     path = tmp_path_factory.mktemp(name) / "weights.pt"
     torch.save(ref.state_dict(), path)
     return ref, path
@@ -59,23 +51,23 @@ def _max_abs(a, b):
     return float(np.abs(np.asarray(a) - np.asarray(b)).max())
 
 
-@pytest.fixture(scope="module")
-def vit(tmp_path_factory):
-    """ViT-B-32 exported to ONNX from a checkpoint file, by name (the CLI's resolver), and OpenCLIP's model."""
-    ref, ckpt = _reference("ViT-B-32", tmp_path_factory)
-    out = tmp_path_factory.mktemp("vit-export") / "onnx"
-    export("ViT-B-32", out, pretrained=str(ckpt), progress=False)
+def _exported(name, tmp_path_factory):
+    """``name`` exported to ONNX from a checkpoint file, by name (the CLI's resolver), and OpenCLIP's model."""
+    ref, ckpt = _reference(name, tmp_path_factory)
+    out = tmp_path_factory.mktemp(f"{name}-export") / "onnx"
+    export(name, out, pretrained=str(ckpt), progress=False)
     ckpt.unlink()
     return ref, out
+
+
+@pytest.fixture(scope="module")
+def vit(tmp_path_factory):
+    return _exported("ViT-B-32", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def rn50(tmp_path_factory):
-    ref, ckpt = _reference("RN50", tmp_path_factory)
-    out = tmp_path_factory.mktemp("rn50-export") / "onnx"
-    export("RN50", out, pretrained=str(ckpt), progress=False)
-    ckpt.unlink()
-    return ref, out
+    return _exported("RN50", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +227,7 @@ def siglip(tmp_path_factory):
     add_model_config(folder / "cf-test-SigLIP-tiny.json")
     torch.manual_seed(0)
     ref = open_clip.create_model("cf-test-SigLIP-tiny").eval()
-    _perturb(ref)
+    perturb(ref)
     ours = clipforge.create_model("cf-test-SigLIP-tiny")
     ours.load_state_dict(ref.state_dict())
     words = "a photo of cat dog the red sofa an astronaut riding horse on moon".split()
@@ -281,7 +273,7 @@ def tiny_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-model")
     torch.manual_seed(0)
     model = CLIP(CLIPConfig.from_dict(TINY_MODEL)).eval()
-    _perturb(model)
+    perturb(model)
     save_openclip_dir(model, path)
     return path
 

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 open_clip = pytest.importorskip("open_clip")
 
 import clipforge  # noqa: E402
-from clipforge.models import add_model_config  # noqa: E402
+from parity_utils import openclip_pair, register  # noqa: E402
 
 TINY_VIT = {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8}
 TINY_TEXT = {"context_length": 16, "vocab_size": 64, "width": 32, "heads": 2, "layers": 2}
@@ -42,30 +42,6 @@ def _register_tiny_timm_models():
         return timm.create_model("eva02_base_patch16_clip_224", pretrained=False, **dict(args, **kwargs))
 
 
-def _register(tmp_path, name, cfg):
-    path = tmp_path / f"{name}.json"
-    path.write_text(json.dumps(cfg))
-    open_clip.add_model_config(path)
-    add_model_config(path)
-    return name
-
-
-def _pair(tmp_path, name, cfg, seed=0):
-    """An OpenCLIP model from a seeded init (every float tensor perturbed), and clipforge's loaded from it."""
-    _register(tmp_path, name, cfg)
-    torch.manual_seed(seed)
-    ref = open_clip.create_model(name, pretrained_text=False).eval()
-    with torch.no_grad():
-        for t in ref.state_dict().values():
-            if t.is_floating_point():
-                t.add_(torch.randn_like(t) * 0.02)
-    ckpt = tmp_path / f"{name}.pt"
-    torch.save(ref.state_dict(), ckpt)
-    ours = clipforge.create_model(name, pretrained=ckpt)
-    assert sorted(ours.state_dict()) == sorted(ref.state_dict())
-    return ref, ours
-
-
 def _assert_same(ref, ours, image=None, text=None):
     with torch.no_grad():
         if image is not None:
@@ -89,7 +65,7 @@ def test_clipa_style_tower_matches_open_clip(tmp_path):
     tower pooled at the last position (BERT-vocabulary ids, [SEP] stripped)."""
     vision = dict(TINY_VIT, no_ln_pre=True, pool_type="avg", final_ln_after_pool=True)
     text = dict(TINY_TEXT, pool_type="last", no_causal_mask=True)
-    ref, ours = _pair(tmp_path, "cf-test-clipa", {"embed_dim": 48, "vision_cfg": vision, "text_cfg": text})
+    ref, ours = openclip_pair(tmp_path, "cf-test-clipa", {"embed_dim": 48, "vision_cfg": vision, "text_cfg": text})
     assert ours.visual.ln_pre.__class__ is torch.nn.Identity
     image = torch.randn(2, 3, 32, 32)
     _assert_same(ref, ours, image, _clip_text())
@@ -105,7 +81,7 @@ def test_clipa_style_tower_matches_open_clip(tmp_path):
 def test_worldwide_style_eos_pool_matches_open_clip(tmp_path):
     """ViT-*-worldwide (MetaCLIP 2): the text feature is taken at the first EOS id (2), not the argmax."""
     text = dict(TINY_TEXT, pool_type="eos", eos_id=2)
-    ref, ours = _pair(tmp_path, "cf-test-worldwide", {"embed_dim": 48, "quick_gelu": True, "vision_cfg": TINY_VIT,
+    ref, ours = openclip_pair(tmp_path, "cf-test-worldwide", {"embed_dim": 48, "quick_gelu": True, "vision_cfg": TINY_VIT,
                                                       "text_cfg": text})
     ids = torch.randint(3, 64, (3, 16))
     for row, end in enumerate((4, 9, 15)):
@@ -123,7 +99,7 @@ def test_timm_families_with_null_proj_match_open_clip(tmp_path, family, timm_nam
               "timm_proj": None}
     cfg = {"embed_dim": 48, "vision_cfg": vision, "text_cfg": dict(TINY_TEXT, no_causal_mask=family == "eva02"),
            "custom_text": True}
-    ref, ours = _pair(tmp_path, f"cf-test-{family}", cfg)
+    ref, ours = openclip_pair(tmp_path, f"cf-test-{family}", cfg)
     assert "visual.trunk.head.weight" in ours.state_dict() and not list(ours.visual.head.children())
     _assert_same(ref, ours, torch.randn(2, 3, 32, 32), _clip_text())
 
@@ -161,7 +137,7 @@ def test_encoder_decoder_text_towers_match_open_clip(tmp_path, tiny_hf_dirs, kin
     cfg = {"embed_dim": 24, "vision_cfg": TINY_VIT,
            "text_cfg": {"hf_model_name": tiny_hf_dirs[kind], "hf_tokenizer_name": tiny_hf_dirs[kind],
                         "hf_pooler_type": pooler, "hf_proj_type": proj}}
-    ref, ours = _pair(tmp_path, f"cf-test-{kind}", cfg)
+    ref, ours = openclip_pair(tmp_path, f"cf-test-{kind}", cfg)
     assert ours.cfg.custom_text and isinstance(ref, open_clip.CustomTextCLIP)
     layers = "block" if kind == "mt5" else "layers"
     assert any(k.startswith(f"text.transformer.{layers}.1.") for k in ours.state_dict())
@@ -201,7 +177,7 @@ def test_open_clip_hub_dirs_of_new_families_load(tmp_path, tiny_hf_dirs, kind):
                "vision_cfg": {"image_size": 32, "timm_model_name": "cf_test_pe_tiny", "timm_pool": "map",
                               "timm_proj": None}}
         text = _clip_text()
-    ref, _ = _pair(tmp_path, f"cf-test-hubdir-{kind}", cfg)
+    ref, _ = openclip_pair(tmp_path, f"cf-test-hubdir-{kind}", cfg)
     folder = tmp_path / "hub"
     save_for_hf(ref, _NoTokenizer(), cfg, str(folder), safe_serialization=True)
     assert "custom_text" not in json.loads((folder / "open_clip_config.json").read_text())["model_cfg"] or kind == "pe"

@@ -18,6 +18,7 @@ from clipforge.checkpoints.hf_siglip import (CLIPFORGE_TO_HF, HF_TO_CLIPFORGE, c
 from clipforge.checkpoints.openclip_hub import load_openclip_dir, save_openclip_dir  # noqa: E402
 from clipforge.config import CLIPConfig, PreprocessConfig  # noqa: E402
 from clipforge.models import add_model_config, get_model_config  # noqa: E402
+from parity_utils import perturb  # noqa: E402
 
 ATOL = 1e-5
 SIGLIP_MEAN_STD = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -48,15 +49,6 @@ TINY_SIGLIP = {
                  "no_causal_mask": True, "proj_bias": True, "pool_type": "last",
                  "norm_kwargs": {"eps": 1e-6}, "act_kwargs": {"approximate": "tanh"}},
 }
-
-
-def _perturb(module, scale=0.02, seed=1):
-    """Shift every floating tensor so zero/one-initialised biases and norms are exercised too."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in module.state_dict().values():
-            if t.is_floating_point():
-                t.add_(torch.randn(t.shape, generator=gen) * scale)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +82,7 @@ def open_clip_siglip(tmp_path_factory):
     add_model_config(path)
     torch.manual_seed(0)
     ref = open_clip.create_model("cf-test-SigLIP-tiny").eval()
-    _perturb(ref)
+    perturb(ref)
     ckpt = folder / "tiny.pt"
     torch.save(ref.state_dict(), ckpt)
     return ref, ckpt
@@ -164,7 +156,7 @@ def hf_siglip_dir(tmp_path_factory):
                          pad_token_id=1, eos_token_id=1, bos_token_id=None),
     )
     model = transformers.SiglipModel(config).eval()
-    _perturb(model)
+    perturb(model)
     model.save_pretrained(folder)
     _tiny_tokenizer(folder)
     return folder, model

@@ -1,5 +1,4 @@
 """timm image towers and Hugging Face text towers: OpenCLIP-written checkpoints load with equal outputs."""
-import json
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ transformers = pytest.importorskip("transformers")
 open_clip = pytest.importorskip("open_clip")
 
 import clipforge  # noqa: E402
-from clipforge.models import add_model_config  # noqa: E402
+from parity_utils import openclip_pair, register  # noqa: E402
 
 TINY_TEXT = {"context_length": 16, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}
 
@@ -29,31 +28,6 @@ def _register_tiny_vit():
         return _create_vision_transformer("vit_tiny_patch16_224", pretrained=False, **dict(args, **kwargs))
 
 
-def _register(tmp_path, name, cfg):
-    path = tmp_path / f"{name}.json"
-    path.write_text(json.dumps(cfg))
-    open_clip.add_model_config(path)
-    add_model_config(path)
-    return name
-
-
-def _pair(tmp_path, name, cfg, seed=0):
-    """An OpenCLIP model from a seeded init, and the clipforge model loaded from its state-dict file."""
-    _register(tmp_path, name, cfg)
-    torch.manual_seed(seed)
-    ref = open_clip.create_model(name, pretrained_text=False).eval()
-    # Perturb every floating tensor so zero-initialised biases/norms are exercised too.
-    with torch.no_grad():
-        for t in ref.state_dict().values():
-            if t.is_floating_point():
-                t.add_(torch.randn_like(t) * 0.02)
-    ckpt = tmp_path / f"{name}.pt"
-    torch.save(ref.state_dict(), ckpt)
-    ours = clipforge.create_model(name, pretrained=ckpt)
-    assert sorted(ours.state_dict()) == sorted(ref.state_dict())
-    return ref, ours
-
-
 TIMM_CASES = {
     # convnext_base.json's head: timm's default pool, a linear projection on the pooled features.
     "cf-test-convnext-linear": dict(timm_model_name="convnext_atto", timm_pool="", timm_proj="linear"),
@@ -70,7 +44,7 @@ def test_timm_tower_matches_open_clip(tmp_path, name):
     _register_tiny_vit()
     vision = dict(image_size=32, timm_model_pretrained=False, **TIMM_CASES[name])
     embed_dim = 64 if vision["timm_proj"] == "none" else 48
-    ref, ours = _pair(tmp_path, name, {"embed_dim": embed_dim, "vision_cfg": vision, "text_cfg": TINY_TEXT})
+    ref, ours = openclip_pair(tmp_path, name, {"embed_dim": embed_dim, "vision_cfg": vision, "text_cfg": TINY_TEXT})
     image = torch.randn(2, 3, 32, 32)
     text = torch.randint(1, 60, (2, 16))
     with torch.no_grad():
@@ -83,7 +57,7 @@ def test_timm_tower_matches_open_clip(tmp_path, name):
 def test_timm_tower_surface(tmp_path):
     _register_tiny_vit()
     vision = dict(image_size=32, timm_model_name="convnext_atto", timm_pool="", timm_proj="linear")
-    _register(tmp_path, "cf-test-convnext-surface", {"embed_dim": 48, "vision_cfg": vision, "text_cfg": TINY_TEXT})
+    register(tmp_path, "cf-test-convnext-surface", {"embed_dim": 48, "vision_cfg": vision, "text_cfg": TINY_TEXT})
     model = clipforge.create_model("cf-test-convnext-surface")
     tower = model.visual
     feats = tower.forward_features(torch.randn(1, 3, 64, 64))
@@ -99,7 +73,7 @@ def test_timm_tower_surface(tmp_path):
     tower.set_grad_checkpointing(True)
     assert tower.trunk.stages[0].grad_checkpointing
 
-    vit = clipforge.create_model(_register(tmp_path, "cf-test-vit-nwd", {
+    vit = clipforge.create_model(register(tmp_path, "cf-test-vit-nwd", {
         "embed_dim": 48, "vision_cfg": dict(image_size=32, timm_model_name="cf_test_vit_tiny", timm_pool="token"),
         "text_cfg": TINY_TEXT}))
     assert {"visual.trunk.pos_embed", "visual.trunk.cls_token"} <= vit.no_weight_decay()
@@ -152,7 +126,7 @@ def _padded_ids():
                                          ("cls_pooler", "linear"), ("cls_last_hidden_state_pooler", "mlp")])
 def test_hf_text_tower_matches_open_clip(tmp_path, tiny_roberta, pooler, proj):
     name = f"cf-test-roberta-{pooler}-{proj}"
-    ref, ours = _pair(tmp_path, name, _hf_cfg(tiny_roberta, pooler, proj))
+    ref, ours = openclip_pair(tmp_path, name, _hf_cfg(tiny_roberta, pooler, proj))
     assert any(k.startswith("text.transformer.encoder.layer.1.") for k in ours.state_dict())
     assert ("text.transformer.pooler.dense.weight" in ours.state_dict()) == (pooler == "cls_pooler")
     ids = _padded_ids()
@@ -170,7 +144,7 @@ def test_hf_text_tower_matches_open_clip(tmp_path, tiny_roberta, pooler, proj):
 
 def test_hf_max_pooler_ignores_padding(tmp_path, tiny_roberta):
     # OpenCLIP's max pooler cannot run (masked_fill with an integer mask); check against the definition.
-    _register(tmp_path, "cf-test-roberta-max", _hf_cfg(tiny_roberta, "max_pooler", "linear"))
+    register(tmp_path, "cf-test-roberta-max", _hf_cfg(tiny_roberta, "max_pooler", "linear"))
     model = clipforge.create_model("cf-test-roberta-max").eval()
     tower = model.text
     ids = _padded_ids()
@@ -182,7 +156,7 @@ def test_hf_max_pooler_ignores_padding(tmp_path, tiny_roberta):
 
 
 def test_hf_text_tower_lock_and_checkpointing(tmp_path, tiny_roberta):
-    _register(tmp_path, "cf-test-roberta-lock", _hf_cfg(tiny_roberta, "mean_pooler", "mlp"))
+    register(tmp_path, "cf-test-roberta-lock", _hf_cfg(tiny_roberta, "mean_pooler", "mlp"))
     model = clipforge.create_model("cf-test-roberta-lock")
     model.lock_text_tower(unlocked_layers=1)
     grads = {n: p.requires_grad for n, p in model.text.named_parameters()}
