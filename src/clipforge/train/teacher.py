@@ -12,7 +12,7 @@ inputs of ``DistillClipLoss``. clipforge does the same, and:
 * building it draws nothing from the run's random generators (its random initialisation is forked
   off and then overwritten by its weights), so the data order, augmentation and dropout are the
   run's own.
-* it is fed the student's images and tokens, as in OpenCLIP, whose code notes (a FIXME) that it
+* it is fed the student's images and tokens, as in OpenCLIP, whose code notes in a comment that it
   "assumes the model you're distilling from has the same tokenizer & transforms". Here that is
   checked when the run starts: image size, normalisation, tokenizer, context length and vocabulary
   must fit, or the run stops naming what differs. Resize/crop details are not compared: training
