@@ -21,7 +21,7 @@ def test_gpu_check_runs_on_cpu_with_a_tiny_model(tmp_path, monkeypatch):
     for trainer in ("open_clip", "clipforge"):
         run = saved["train"][trainer]
         assert run["samples_per_s"] > 0 and run["windows"] >= 2  # logged windows after the first (start-up)
-        assert run["first_loss"] == pytest.approx(2.08, abs=0.3)  # ln(8): a random model on a batch of 8
+        assert 1.0 < run["first_loss"] < 4.2  # a random model on a batch of 8: near ln(8) = 2.08, within 2x
     # the same weights in both libraries: the encodings agree (fp32 here; the GPU run uses bf16)
     assert saved["encode"]["max_abs_diff"] < 1e-5
     assert saved["encode"]["clipforge"]["images_per_s"] > 0
