@@ -91,6 +91,30 @@ def test_bf16_first_step_loss_and_gradients_match_fp32():
         assert cos > 0.99 and rel < 0.15, f"{name}: cosine {cos:.4f}, relative error {rel:.3f}"
 
 
+def _attention_kernels(context) -> set:
+    """The scaled-dot-product-attention kernels a forward+backward of the tiny model runs under ``context``."""
+    model, _ = _tiny_pair()
+    images, texts = _batch()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with context:
+            out = model(images, texts)
+            loss = ClipLoss()(out["image_features"], out["text_features"], out["logit_scale"])
+        loss.backward()
+    return {e.key for e in prof.key_averages() if "attention" in e.key and e.key.startswith("aten::_scaled")}
+
+
+def test_cpu_bf16_training_uses_the_math_attention_kernel():
+    """In a bf16 training step on CPU attention runs as plain GEMMs (the flash CPU kernel's bf16
+    backward was 47% of the step on an AMX Xeon); fp32 keeps the flash kernel, and plain autocast
+    (inference) picks flash, so the test sees the difference it claims."""
+    from clipforge.precision import autocast, train_autocast
+    cpu = torch.device("cpu")
+    flash = "aten::_scaled_dot_product_flash_attention_for_cpu"
+    assert flash in _attention_kernels(autocast("bf16", cpu))
+    assert flash in _attention_kernels(train_autocast("fp32", cpu))
+    assert not any("flash" in k for k in _attention_kernels(train_autocast("bf16", cpu)))
+
+
 def test_train_logs_the_chosen_precision(tmp_path, capsys):
     tsv = write_caption_tsv(tmp_path / "data", n_images=16)
     cfg = TrainConfig.from_dict(tiny_config(tmp_path, tsv, max_steps=2))
