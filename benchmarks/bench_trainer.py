@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -41,14 +41,17 @@ def small_vit(context: int) -> dict:
     }
 
 
-def write_model_dir(work: Path, model_cfg: dict) -> Path:
-    """A seeded random OpenCLIP model in OpenCLIP's hub layout, which both trainers start from."""
+def write_model_dir(work: Path, model_cfg: dict, dirname: str = "model") -> Path:
+    """A seeded random OpenCLIP model in OpenCLIP's hub layout, which both trainers start from.
+
+    open_clip_train picks its AdamW betas/eps by whether the model name contains "vit"; a ``dirname``
+    such as "ViT-small" gives it the ViT values (beta2 0.98, eps 1e-6), which are clipforge's defaults."""
     import torch
     from safetensors.torch import save_file
 
     import open_clip
 
-    model_dir = work / "model"
+    model_dir = work / dirname
     model_dir.mkdir()
     size = model_cfg["vision_cfg"]["image_size"]
     (model_dir / "open_clip_config.json").write_text(json.dumps({
@@ -85,8 +88,9 @@ def _run(cmd: List[str], what: str, env: Optional[dict] = None) -> tuple:
 
 
 def run_open_clip(model: str, data: Optional[Path], samples: int, work: Path, batch: int, precision: str,
-                  workers: int, log_every: int, device: str) -> dict:
-    name = f"oc_{precision}_{int(time.time())}"
+                  workers: int, log_every: int, device: str, extra: Sequence[str] = (), tag: str = "") -> dict:
+    """One open_clip_train run; ``extra`` arguments come last, so they override the ones set here."""
+    name = f"oc_{precision}{tag}_{int(time.time())}"
     if data is None:
         data_args = ["--dataset-type", "synthetic", "--train-num-samples", str(samples)]
     else:
@@ -95,14 +99,15 @@ def run_open_clip(model: str, data: Optional[Path], samples: int, work: Path, ba
     cmd = [sys.executable, "-m", "open_clip_train.main", "--model", model, *data_args, "--batch-size", str(batch),
            "--epochs", "1", "--lr", "5e-4", "--wd", "0.2", "--warmup", "10", "--workers", str(workers),
            "--precision", OPEN_CLIP_PRECISION[precision], "--save-frequency", "0", "--log-every-n-steps",
-           str(log_every), "--logs", str(work / "oc_logs"), "--name", name, "--seed", "0", "--device", device]
+           str(log_every), "--logs", str(work / "oc_logs"), "--name", name, "--seed", "0", "--device", device, *extra]
     text, wall = _run(cmd, "open_clip_train")
     # "Batch (t): 2.950, 43.39/s": mean batch time over the window since the previous log line
     batch_times = [float(m.group(1)) for m in re.finditer(r"Batch \(t\): ([\d.]+)", text)]
     losses = [float(m.group(1)) for m in re.finditer(r"Contrastive_loss: ([\d.]+)", text)]
     rates = [batch / t for t in batch_times[1:]]
     return {"samples_per_s": statistics.mean(rates), "windows": len(rates), "wall_s": wall,
-            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
+            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+            "run_dir": str(work / "oc_logs" / name)}
 
 
 def run_clipforge(model: str, data: Optional[Path], samples: int, work: Path, batch: int, precision: str,
@@ -120,7 +125,8 @@ def run_clipforge(model: str, data: Optional[Path], samples: int, work: Path, ba
     rows = [r for r in rows if r["kind"] == "train"]
     rates = [r["samples_per_s"] for r in rows[1:]]
     return {"samples_per_s": statistics.mean(rates), "windows": len(rates), "wall_s": wall, "precision": chosen,
-            "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"], "args": extra}
+            "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"], "args": extra,
+            "run_dir": str(work / "cf_runs" / name)}
 
 
 def main(argv=None) -> dict:
