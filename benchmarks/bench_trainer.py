@@ -107,7 +107,7 @@ def run_open_clip(model: str, data: Optional[Path], samples: int, work: Path, ba
     rates = [batch / t for t in batch_times[1:]]
     return {"samples_per_s": statistics.mean(rates), "windows": len(rates), "wall_s": wall,
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-            "run_dir": str(work / "oc_logs" / name)}
+            "run_dir": str(work / "oc_logs" / name), "window_rates": [batch / t for t in batch_times]}
 
 
 def run_clipforge(model: str, data: Optional[Path], samples: int, work: Path, batch: int, precision: str,
@@ -126,7 +126,7 @@ def run_clipforge(model: str, data: Optional[Path], samples: int, work: Path, ba
     rates = [r["samples_per_s"] for r in rows[1:]]
     return {"samples_per_s": statistics.mean(rates), "windows": len(rates), "wall_s": wall, "precision": chosen,
             "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"], "args": extra,
-            "run_dir": str(work / "cf_runs" / name)}
+            "run_dir": str(work / "cf_runs" / name), "window_rates": [r["samples_per_s"] for r in rows]}
 
 
 def main(argv=None) -> dict:

@@ -294,6 +294,22 @@ def test_bad_indices_raise_open_clip_messages(indices, message):
             ours.forward_intermediates(**kwargs)
 
 
+@pytest.mark.parametrize("name", ["vit-reg-token-linear", "convnext-avg-mlp"])
+def test_timm_tower_bad_indices_raise_value_errors(name):
+    """timm asserts on out-of-range indices; a timm tower raises the ValueError the other towers raise."""
+    _register_timm_models()
+    cfg = {"embed_dim": 32, "custom_text": True, "text_cfg": TEXT,
+           "vision_cfg": dict(image_size=32, timm_model_pretrained=False, **TIMM_CASES[name])}
+    _, ours = _pair(cfg)
+    image, _ = _inputs(cfg)
+    depth = len(ours.visual.trunk.feature_info)
+    with pytest.raises(ValueError, match=rf"last-n \({depth + 1}\) is out of range \(1 to {depth}\)"):
+        ours.forward_intermediates(image, image_indices=depth + 1)
+    with pytest.raises(ValueError, match=rf"feature index {depth} is out of range"):
+        ours.forward_intermediates(image, image_indices=[depth])
+    assert len(ours.forward_intermediates(image, image_indices=depth)["image_intermediates"]) == depth
+
+
 def test_other_bad_arguments_are_named():
     cfg = CLIP_CASES["vit-tok"]
     _, ours = _pair(cfg)

@@ -127,6 +127,16 @@ def test_url_download_verified_and_cached(http_dir, tmp_path):
     assert pt.fetch_url(f"{base}/w.pt", digest, cache_dir=cache).read_bytes() == payload
 
 
+def test_url_download_shows_progress(http_dir, tmp_path, capsys):
+    root, base = http_dir
+    (root / "p.pt").write_bytes(b"x" * 300_000)
+    pt.fetch_url(f"{base}/p.pt", cache_dir=tmp_path / "a")
+    err = capsys.readouterr().err
+    assert "p.pt" in err and "100%" in err  # the bar knows the size from Content-Length
+    pt.fetch_url(f"{base}/p.pt", cache_dir=tmp_path / "b", progress=False)
+    assert capsys.readouterr().err == ""
+
+
 def test_url_sha_mismatch_leaves_nothing(http_dir, tmp_path):
     root, base = http_dir
     (root / "bad.pt").write_bytes(b"tampered" * 1000)

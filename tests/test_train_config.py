@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import yaml
@@ -141,3 +142,10 @@ def test_every_setting_has_help():
             if f.name in ("model", "data", "aug", "optim", "loss", "val", "shapes"):  # sections: their fields are options
                 continue
             assert helps.get(prefix + f.name), f"{prefix}{f.name} has no help"
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in (Path(__file__).parents[1] / "examples").glob("*.yaml")))
+def test_example_configs_load(example):
+    """Every examples/ config is valid (keys and types), with the auto precision the README promises."""
+    cfg = load_config(Path(__file__).parents[1] / "examples" / example)
+    assert cfg.precision == "auto" and cfg.data.kind == "csv" and cfg.val.data

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..config import VisionConfig
+from .layers import feature_take_indices
 
 POOLS = ("avg", "", "map", "token", "max", "avgmax", "abs_attn", "rot_attn")
 # None (JSON null, as EVA / PE / MobileCLIP configs have it) and "" both use timm's own classifier.
@@ -102,6 +103,9 @@ class TimmTower(nn.Module):
         head and this tower's ``head``, unless ``intermediates_only``)."""
         if not hasattr(self.trunk, "forward_intermediates"):
             raise ValueError(f"timm model {self.cfg.timm_model_name} has no forward_intermediates")
+        feature_info = getattr(self.trunk, "feature_info", None)
+        if feature_info:  # timm asserts on bad indices; the ValueError of every other tower instead
+            feature_take_indices(len(feature_info), indices)
         extra = {"return_prefix_tokens": True} if output_extra_tokens else {}
         if output_extra_tokens and "return_prefix_tokens" not in inspect.signature(
                 self.trunk.forward_intermediates).parameters:

@@ -11,6 +11,8 @@ import urllib.request
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
+from tqdm.auto import tqdm
+
 from ..config import PreprocessConfig
 from .tags import PretrainedTag
 
@@ -89,8 +91,9 @@ def _check_hub_digest(path: Path, etag: Optional[str], where: str) -> None:
 
 
 def fetch_url(url: str, sha256: Optional[str] = None, cache_dir: Optional[Union[str, Path]] = None,
-              timeout: float = DEFAULT_TIMEOUT_S) -> Path:
-    """``url`` into ``cache_dir`` (default ~/.cache/clip), verified against ``sha256`` (or its prefix)."""
+              timeout: float = DEFAULT_TIMEOUT_S, progress: bool = True) -> Path:
+    """``url`` into ``cache_dir`` (default ~/.cache/clip), verified against ``sha256`` (or its prefix);
+    a tqdm bar of the bytes on stderr unless ``progress`` is False (as OpenAI's ``clip.load``)."""
     root = Path(cache_dir).expanduser() if cache_dir is not None else DEFAULT_URL_CACHE.expanduser()
     target = root / os.path.basename(urllib.parse.urlparse(url).path)
     if target.is_file():
@@ -104,7 +107,10 @@ def fetch_url(url: str, sha256: Optional[str] = None, cache_dir: Optional[Union[
     def write(tmp: str) -> None:
         try:
             with urllib.request.urlopen(url, timeout=timeout) as source, open(tmp, "wb") as out:
-                shutil.copyfileobj(source, out, 1 << 20)
+                size = int(source.headers.get("Content-Length") or 0) or None
+                with tqdm.wrapattr(out, "write", total=size, desc=target.name, unit="B", unit_scale=True,
+                                   unit_divisor=1024, disable=not progress) as counted:
+                    shutil.copyfileobj(source, counted, 1 << 20)
         except (urllib.error.URLError, OSError) as e:
             raise DownloadError(f"{url}: {getattr(e, 'reason', e)}") from e
         actual = _sha256(Path(tmp))
