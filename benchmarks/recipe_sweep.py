@@ -146,6 +146,8 @@ def main(argv=None) -> dict:
     p.add_argument("--calibration-steps", type=int, default=30)
     p.add_argument("--log-every", type=int, default=5)
     p.add_argument("--out", default="recipe_sweep")
+    p.add_argument("--append", action="store_true",
+                   help="keep the recipes already in results/<out>.json (same sitting) and add these")
     args = p.parse_args(argv)
     recipes = args.recipes.split(",")
     unknown = [r for r in recipes if r not in RECIPES]
@@ -153,6 +155,12 @@ def main(argv=None) -> dict:
         raise SystemExit(f"unknown recipes {unknown}; known: {list(RECIPES)}")
     out = {"machine": machine(), "load_start": loadavg(), "budget_s": args.budget, "context": 32,
            "model": small_vit(32), "recipes": {}}
+    previous = RESULTS / f"{args.out}.json"
+    if args.append and previous.exists():
+        kept = json.loads(previous.read_text())
+        if kept["budget_s"] != args.budget:
+            raise SystemExit(f"--append: {previous} has budget {kept['budget_s']} s, not {args.budget} s")
+        out["recipes"], out["load_start"] = kept["recipes"], kept["load_start"]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model_dir = write_model_dir(work, small_vit(32), dirname="ViT-small")
