@@ -134,7 +134,7 @@ def test_url_download_shows_progress(http_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "p.pt" in err and "100%" in err  # the bar knows the size from Content-Length
     pt.fetch_url(f"{base}/p.pt", cache_dir=tmp_path / "b", progress=False)
-    assert capsys.readouterr().err == ""
+    assert "100%" not in capsys.readouterr().err  # (the test server still logs its request line)
 
 
 def test_url_sha_mismatch_leaves_nothing(http_dir, tmp_path):
