@@ -38,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_trainer import RESULTS, run_clipforge, run_open_clip, small_vit, write_model_dir  # noqa: E402
 from common import SHARED, loadavg, machine  # noqa: E402
 
+from clipforge.atomic import atomic_write, write_text  # noqa: E402
+
 FLICKR = SHARED / "data" / "flickr8k"
 OC_DEFAULTS = ["--lr", "5e-4", "--wd", "0.2", "--warmup", "10000"]
 CF_BASE = ["optim.lr=1e-3", "optim.weight_decay=0.2", "aug.scale=[0.8,1.0]", "optim.grad_clip_norm=1.0"]
@@ -133,10 +135,8 @@ def plot(results: Dict[str, dict], path: Path) -> None:
     ax.set_xlabel("mean recall on Flickr8k dev, % (R@1/5/10, both directions)")
     ax.set_title("Equal wall-clock recipes (grey: open_clip_train, blue: clipforge)")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def main(argv=None) -> dict:
@@ -202,13 +202,7 @@ def write_results(out: dict, args) -> None:
     base = {k: v["metrics"]["mean_recall"] for k, v in out["recipes"].items() if v["trainer"] == "open_clip"}
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / args.out
-
-    def atomic(path: Path, text: str) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-
-    atomic(stem.with_suffix(".json"), json.dumps(out, indent=2) + "\n")
+    write_text(stem.with_suffix(".json"), json.dumps(out, indent=2) + "\n")
     plot(out["recipes"], stem.with_suffix(".png"))
     m = out["machine"]
     heads = [f"vs {k}" for k in base]
@@ -227,7 +221,7 @@ def write_results(out: dict, args) -> None:
         ratios = " | ".join(f"{mt['mean_recall'] / b:.2f}x" for b in base.values())
         lines.append(f"| {name}: {r['description']} | {r['steps']} x {r['batch']} | {r['train_wall_s']:.0f} | "
                      f"{t2i} | {i2t} | {100 * mt['mean_recall']:.2f} | {ratios} |")
-    atomic(stem.with_suffix(".md"), "\n".join(lines) + "\n")
+    write_text(stem.with_suffix(".md"), "\n".join(lines) + "\n")
 
 if __name__ == "__main__":
     main()
