@@ -63,6 +63,48 @@ def test_text_trimming_is_exact():
     assert torch.allclose(trimmed, pooled, atol=1e-6)
 
 
+def _full_trunk_features(model, images, tokens):
+    """Image and text features from every position of the last block, pooled afterwards."""
+    vision, text = model.visual, model.text
+    pooled, _ = vision.pool(vision.forward_features(images))
+    trimmed = text._trim(tokens)
+    return vision.project(pooled), text.project(text.pool(text.forward_features(trimmed), trimmed))
+
+
+@pytest.mark.parametrize("text_cfg", [{}, {"no_causal_mask": True}, {"pool_type": "first"}, {"pool_type": "eos", "eos_id": 49407}])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_last_block_runs_for_the_pooled_token_only(text_cfg, checkpointing):
+    """encode_image / encode_text run the last block for the class / pooled token alone, with the
+    features and every gradient of the full block (captions of different lengths, so the causal
+    mask of the kept token matters)."""
+    from clipforge.config import CLIPConfig
+    from clipforge.models import build_model
+    from train_utils import TINY_MODEL
+
+    cfg = {**TINY_MODEL, "text_cfg": {**TINY_MODEL["text_cfg"], **text_cfg}}
+    torch.manual_seed(0)
+    model = build_model(CLIPConfig.from_dict(cfg)).train().double()  # float64: the paths differ only in rounding
+    model.set_grad_checkpointing(checkpointing)
+    images = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    tokens = open_clip.tokenize(["a", "a dog on the beach", "two men ride red bikes up a hill", "cat"],
+                                context_length=16)
+    seen = []
+    hooks = [tower.transformer.resblocks[-1].mlp.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+             for tower in (model.visual, model.text)]
+    features = torch.cat([model.encode_image(images), model.encode_text(tokens)])
+    for hook in hooks:
+        hook.remove()
+    assert seen == [1, 1], seen  # the last block's MLP saw one position per row in each tower
+    grads = torch.autograd.grad(features.square().sum(), list(model.parameters()), allow_unused=True)
+    reference = torch.cat(_full_trunk_features(model, images, tokens))
+    ref_grads = torch.autograd.grad(reference.square().sum(), list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(features, reference, rtol=0, atol=1e-6)  # LayerNorm runs in fp32
+    for (name, _), grad, ref in zip(model.named_parameters(), grads, ref_grads):
+        assert (grad is None) == (ref is None), name
+        if grad is not None:
+            torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
 def test_state_dict_layout_and_init():
     model = clipforge.create_model("ViT-B-32")
     keys = model.state_dict().keys()

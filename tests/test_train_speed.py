@@ -51,7 +51,9 @@ def test_auto_kernel_choice():
 def test_adamw_kernels_give_the_for_loop_update(implementation):
     """Three steps of each kernel move every parameter as torch's reference for-loop AdamW does: foreach
     exactly, fused within 2% of one step's size (lr 1e-3: it rounds sqrt/eps for near-zero gradients
-    in another order; measured 7e-6)."""
+    in another order; measured 7e-6). The attention key bias is left out for fused: softmax is blind to
+    it, so its gradient is rounding noise (~1e-8 against ~0.05 for the query bias) and Adam's update
+    there is noise over noise (fused and for-loop differ by up to one step's size)."""
     results = {}
     for kind in ("for-loop", implementation):
         model, _ = _tiny_pair()
@@ -64,8 +66,12 @@ def test_adamw_kernels_give_the_for_loop_update(implementation):
         results[kind] = model.state_dict()
     for key, value in results["for-loop"].items():
         atol = 0.0 if implementation == "foreach" else 2e-5
-        torch.testing.assert_close(results[implementation][key], value, rtol=0.0 if atol == 0 else 1e-5, atol=atol,
-                                   msg=key)
+        ours = results[implementation][key]
+        if implementation == "fused" and key.endswith("attn.in_proj_bias"):
+            width = value.shape[0] // 3
+            keep = torch.cat([torch.arange(width), torch.arange(2 * width, 3 * width)])  # query and value
+            ours, value = ours[keep], value[keep]
+        torch.testing.assert_close(ours, value, rtol=0.0 if atol == 0 else 1e-5, atol=atol, msg=key)
 
 
 def test_bf16_first_step_loss_and_gradients_match_fp32():

@@ -93,6 +93,23 @@ class KVCache:
             self.v = self.v.index_select(0, index)
 
 
+Keep = Union[int, torch.Tensor]
+
+
+def as_index(keep: Keep, x: torch.Tensor) -> torch.Tensor:
+    """``keep`` as [B] positions into ``x`` [B, L, D]."""
+    if isinstance(keep, torch.Tensor):
+        return keep
+    return torch.full((x.shape[0],), keep, dtype=torch.long, device=x.device)
+
+
+def take(x: torch.Tensor, keep: Keep) -> torch.Tensor:
+    """The kept position of each row of ``x`` [B, L, D], as [B, 1, D]."""
+    if isinstance(keep, int):
+        return x[:, keep:keep + 1]
+    return x[torch.arange(x.shape[0], device=x.device), keep].unsqueeze(1)
+
+
 def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     batch, seq, dim = x.shape
     return x.view(batch, seq, num_heads, dim // num_heads).transpose(1, 2)  # [B, L, D] -> [B, H, L, Dh]
@@ -136,6 +153,24 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         return self.out_proj(_merge_heads(out))
 
+    def project_context(self, context: torch.Tensor):
+        """(keys, values) [B, H, N, Dh] of context tokens [B, N, D]."""
+        dim = context.shape[-1]
+        k = F.linear(context, self.in_proj_weight[dim:2 * dim], self.in_proj_bias[dim:2 * dim])
+        v = F.linear(context, self.in_proj_weight[2 * dim:], self.in_proj_bias[2 * dim:])
+        return _heads(k, self.num_heads), _heads(v, self.num_heads)
+
+    def project_query(self, x: torch.Tensor) -> torch.Tensor:
+        dim = x.shape[-1]
+        return F.linear(x, self.in_proj_weight[:dim], self.in_proj_bias[:dim])  # [B, L, D]
+
+    def attend(self, x: torch.Tensor, context: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Queries from ``x`` [B, Lq, D] only, keys and values from ``context`` [B, L, D]: the same
+        weights and result as ``forward`` on ``context`` restricted to those query rows."""
+        k, v = self.project_context(context)
+        out = F.scaled_dot_product_attention(_heads(self.project_query(x), self.num_heads), k, v, attn_mask=attn_mask)
+        return self.out_proj(_merge_heads(out))
+
 
 class CrossAttention(Attention):
     """Multi-head attention from queries ``x`` to a ``context`` of the same width (CoCa's decoder).
@@ -146,18 +181,11 @@ class CrossAttention(Attention):
     ``rows_per_context`` times the context's batch, grouped contiguously.
     """
 
-    def project_context(self, context: torch.Tensor):
-        """(keys, values) [B, H, N, Dh] of context tokens [B, N, D]."""
-        dim = context.shape[-1]
-        k = F.linear(context, self.in_proj_weight[dim:2 * dim], self.in_proj_bias[dim:2 * dim])
-        v = F.linear(context, self.in_proj_weight[2 * dim:], self.in_proj_bias[2 * dim:])
-        return _heads(k, self.num_heads), _heads(v, self.num_heads)
-
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None, context_kv=None,
                 rows_per_context: int = 1) -> torch.Tensor:
         batch, seq, dim = x.shape
         k, v = context_kv if context_kv is not None else self.project_context(context)
-        q = F.linear(x, self.in_proj_weight[:dim], self.in_proj_bias[:dim])  # [R, L, D]
+        q = self.project_query(x)  # [R, L, D]
         if rows_per_context > 1:  # the rows of one context attend to it together: fold them into L
             q = q.reshape(batch // rows_per_context, rows_per_context * seq, dim)  # [B, k*L, D]
         out = F.scaled_dot_product_attention(_heads(q, self.num_heads), k, v)  # [B, H, k*L, Dh]
@@ -188,8 +216,25 @@ class ResidualAttentionBlock(nn.Module):
         self.ls_2 = LayerScale(width, ls_init_value) if ls_init_value is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False, cache: Optional[KVCache] = None) -> torch.Tensor:
+                is_causal: bool = False, cache: Optional[KVCache] = None,
+                keep: Optional[Keep] = None) -> torch.Tensor:
+        """``keep`` (see ``Transformer.forward``): the output of that one position per row, [B, 1, D]."""
+        if keep is not None:
+            return self._forward_kept(x, keep, attn_mask, is_causal)
         x = x + self.ls_1(self.attn(self.ln_1(x), attn_mask=attn_mask, is_causal=is_causal, cache=cache))
+        return x + self.ls_2(self.mlp(self.ln_2(x)))
+
+    def _forward_kept(self, x: torch.Tensor, keep: Keep, attn_mask: Optional[torch.Tensor],
+                      is_causal: bool) -> torch.Tensor:
+        if attn_mask is not None:
+            raise ValueError("keep= supports is_causal, not an explicit attention mask")
+        context = self.ln_1(x)  # every position gives keys and values; only the kept ones query
+        mask = None
+        if is_causal:  # the kept position p sees positions <= p, as the causal mask of the full block
+            positions = torch.arange(x.shape[1], device=x.device)
+            mask = (positions <= as_index(keep, x)[:, None])[:, None, None, :]  # [B, 1, 1, L]
+        x = take(x, keep)  # [B, 1, D]
+        x = x + self.ls_1(self.attn.attend(take(context, keep), context, attn_mask=mask))
         return x + self.ls_2(self.mlp(self.ln_2(x)))
 
 
@@ -243,15 +288,27 @@ class Transformer(nn.Module):
         init_blocks(self.resblocks, self.width, self.layers)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False, caches: Optional[List[KVCache]] = None) -> torch.Tensor:
-        """``caches`` (one per block) switches to incremental decoding: ``x`` is then the new positions."""
+                is_causal: bool = False, caches: Optional[List[KVCache]] = None,
+                keep: Optional[Keep] = None) -> torch.Tensor:
+        """``caches`` (one per block) switches to incremental decoding: ``x`` is then the new positions.
+
+        ``keep`` (an int, or [B] positions) asks for one position per row, [B, 1, D]: the class token
+        or the end-of-text token a tower pools. Only that position's output leaves the last block, so
+        the last block computes its queries, attention output and MLP for that position alone (keys
+        and values still for all): the same numbers as slicing the full output, for about 1/layers
+        less compute in training and encoding.
+        """
+        last = len(self.resblocks) - 1
+        if keep is not None and last < 0:
+            return take(x, keep)
         for i, block in enumerate(self.resblocks):
+            block_keep = keep if i == last else None
             if caches is not None:
                 x = block(x, attn_mask=attn_mask, is_causal=is_causal, cache=caches[i])
             elif self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
+                x = checkpoint(block, x, attn_mask, is_causal, None, block_keep, use_reentrant=False)
             else:
-                x = block(x, attn_mask=attn_mask, is_causal=is_causal)
+                x = block(x, attn_mask=attn_mask, is_causal=is_causal, keep=block_keep)
         return x
 
     def forward_intermediates(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,

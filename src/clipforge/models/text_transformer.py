@@ -167,10 +167,16 @@ class TextTransformer(nn.Module):
         if self.cls_emb is not None:
             pooled, tokens = self._cls_forward(text)
         else:
+            index = None
             if not self.cfg.output_tokens:
                 text = self._trim(text)
-            tokens = self.forward_features(text)
-            pooled = self.pool(tokens, text)
+                index = self._pool_index(text)
+            if index is not None:  # only the pooled token leaves the trunk: the last block runs for it alone
+                tokens = self.transformer(self._embeds(text), is_causal=self.cfg.causal, keep=index)
+                pooled = self.ln_final(tokens[:, 0])
+            else:
+                tokens = self.forward_features(text)
+                pooled = self.pool(tokens, text)
         pooled = self.project(pooled)
         return (pooled, tokens) if self.cfg.output_tokens else pooled
 

@@ -92,6 +92,10 @@ class VisionTransformer(nn.Module):
         """The image embedding [B, output_dim]; with ``output_tokens`` also the tokens after ``ln_post``
         (patch tokens [B, N, D] for ``tok``/``avg`` pooling, the pooler's other queries with an
         attentional pool, all tokens for ``none``), as OpenCLIP's tower returns them."""
+        if self.cfg.pool_type == "tok" and self.attn_pool is None and not self.cfg.output_tokens:
+            # only the class token leaves the trunk: the last block runs for it alone (exact)
+            pooled = self.ln_post(self.transformer(self.embed(x), keep=0)[:, 0])
+            return self.project(pooled)
         pooled, tokens = self.pool(self.forward_features(x))
         pooled = self.project(pooled)
         return (pooled, tokens) if self.cfg.output_tokens else pooled
