@@ -2,8 +2,8 @@
 
 The contract checked, per input: an image that is valid but odd (CMYK, 16-bit grey, palette with
 transparency, RGBA, 1x1, grey JPEG, EXIF-rotated, large) is decoded and used, and its tensor equals
-PIL's ``Image.open(p).convert("RGB")`` through the model's eval transform (EXIF orientation is not
-applied, as in OpenCLIP); a broken one (truncated, zero bytes, text, two decompression bombs,
+OpenCLIP's ``preprocess(Image.open(p))`` (the file's mode kept until after the resize, EXIF
+orientation not applied); a broken one (truncated, zero bytes, text, two decompression bombs,
 missing) is skipped and reported with its file and reason by the consumers that skip (train,
 classify, shards, embed), or stops the run with one error naming the file where exactness needs
 every item (eval).
@@ -186,9 +186,15 @@ def pil_rgb(path: Path) -> Image.Image:
         return img.convert("RGB")
 
 
+def openclip_pixels(reference, path: Path) -> torch.Tensor:
+    """OpenCLIP's tensor for a file, as its users make it: ``preprocess(Image.open(p))``."""
+    with Image.open(path) as img:
+        return reference.preprocess(img)
+
+
 def ref_image_features(reference, paths) -> np.ndarray:
     with torch.no_grad():
-        feats = reference.model.encode_image(torch.stack([reference.preprocess(pil_rgb(p)) for p in paths]))
+        feats = reference.model.encode_image(torch.stack([openclip_pixels(reference, p) for p in paths]))
     return torch.nn.functional.normalize(feats, dim=-1).numpy()
 
 
@@ -246,17 +252,17 @@ def test_load_image_decodes_odd_images_and_names_broken_ones(corpus):
 
 
 def test_odd_images_through_the_model_transform_match_open_clip(corpus, model_dir, reference):
-    """For modes PIL resizes as RGB (CMYK, grey, 1x1, EXIF-tagged, large) clipforge's tensor is OpenCLIP's
-    ``preprocess(Image.open(p))`` exactly; alpha, palette and 16-bit images are converted before the resize
-    (see load_image), so they are compared with PIL's RGB decode instead, in the other tests."""
+    """For every odd mode clipforge's tensor is OpenCLIP's ``preprocess(Image.open(p))`` exactly: the
+    eval transform gets the file's own mode and converts after resizing, as OpenCLIP's does (alpha is
+    resized premultiplied, palettes nearest-neighbour); an RGB decode first would differ for those."""
     from clipforge import create_model_and_transforms
+    from clipforge.transforms import load_image_for
 
     _, _, transform = create_model_and_transforms(f"local-dir:{model_dir}")
     problems = []
-    for name in ("cmyk", "gray", "one_px", "exif", "large"):
-        with Image.open(corpus.odd[name]) as img:
-            want = reference.preprocess(img)
-        got = transform(load_image(corpus.odd[name]))
+    for name in corpus.odd:
+        want = openclip_pixels(reference, corpus.odd[name])
+        got = transform(load_image_for(transform, corpus.odd[name]))
         if got.shape != (3, 32, 32) or not torch.equal(got, want):
             problems.append(f"{name}: differs from open_clip by {max_err(got, want)}")
     tally("load_image", 0, problems)
@@ -294,13 +300,21 @@ def test_train_skips_every_broken_sample_and_lists_it(corpus, model_dir, tmp_pat
     assert not problems
 
 
-def test_train_dataset_decodes_odd_images_as_pil_does(corpus, reference):
-    """The training dataset's tensor for each odd image is the transform of PIL's RGB decode."""
+def test_train_dataset_decodes_odd_images_as_open_clip_does(corpus, model_dir, reference):
+    """The training dataset's tensor for each odd image: with clipforge's transform OpenCLIP's
+    ``preprocess(Image.open(p))``; with a transform that is not clipforge's (here OpenCLIP's own, which
+    may expect RGB) the transform of PIL's RGB decode."""
+    from clipforge import create_model_and_transforms
+
+    _, _, transform = create_model_and_transforms(f"local-dir:{model_dir}")
     records = [r for r in read_caption_file(write_table(corpus.root / "odd.tsv", corpus.odd.items()))]
-    ds = CaptionDataset(records, reference.preprocess, reference.tokenizer)
-    problems = [f"{rec.path.name}: {max_err(ds[i][0], reference.preprocess(pil_rgb(rec.path)))}"
+    ours = CaptionDataset(records, transform, reference.tokenizer)
+    foreign = CaptionDataset(records, reference.preprocess, reference.tokenizer)
+    problems = [f"{rec.path.name}: {max_err(ours[i][0], openclip_pixels(reference, rec.path))}"
                 for i, rec in enumerate(records)
-                if not torch.equal(ds[i][0], reference.preprocess(pil_rgb(rec.path)))]
+                if not torch.equal(ours[i][0], openclip_pixels(reference, rec.path))]
+    problems += [f"{rec.path.name} (foreign transform): not the RGB decode" for i, rec in enumerate(records)
+                 if not torch.equal(foreign[i][0], reference.preprocess(pil_rgb(rec.path)))]
     tally("train", 0, problems)
     assert not problems
 

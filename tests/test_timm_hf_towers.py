@@ -172,6 +172,25 @@ def test_hf_text_tower_lock_and_checkpointing(tmp_path, tiny_roberta):
     assert not any(getattr(m, "gradient_checkpointing", False) for m in model.text.transformer.modules())
 
 
+def test_non_strict_checkpoint_load_fetches_no_hf_weights(tmp_path, tiny_roberta):
+    """With a checkpoint, the HF text tower is not fetched from the hub first, strict or not (the
+    directory holds only a config, so a fetch would fail), and the checkpoint's weights are used."""
+    cfg = _hf_cfg(tiny_roberta, "mean_pooler", "linear")
+    cfg["text_cfg"]["hf_model_pretrained"] = True
+    register(tmp_path, "cf-test-roberta-pretrained", cfg)
+    torch.manual_seed(0)
+    no_fetch = {**cfg, "text_cfg": {**cfg["text_cfg"], "hf_model_pretrained": False}}
+    register(tmp_path, "cf-test-roberta-scratch", no_fetch)
+    source = clipforge.create_model("cf-test-roberta-scratch").eval()
+    path = tmp_path / "ckpt.pt"
+    torch.save(source.state_dict(), path)
+    ids = _padded_ids()
+    for strict in (True, False):
+        loaded = clipforge.create_model("cf-test-roberta-pretrained", pretrained=str(path), strict=strict)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.encode_text(ids), source.encode_text(ids), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", ["convnext_base", "convnext_large_d"])
 def test_builtin_convnext_configs_match_open_clip_keys(name):
     """Full-size timm towers (linear and mlp heads), built on the meta device: same keys and shapes."""

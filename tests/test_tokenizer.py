@@ -297,6 +297,24 @@ def test_hf_tokenizer_expected_ids(hf_dir):
     assert hf.pad_id == vocab["[PAD]"] and hf.vocab_size == len(vocab)
 
 
+def test_hf_tokenizer_decode(hf_dir):
+    """decode gives the text back, ends at the first [SEP] (what a generator writes after it is
+    padding) and drops special tokens, unless asked to keep them."""
+    hf = HFTokenizer(hf_dir, context_length=10)
+    vocab = hf.tokenizer.get_vocab()
+    ids = hf("a photo of the dog")[0]
+    assert hf.decode(ids) == "a photo of the dog"
+    assert hf.decode(ids.tolist() + [vocab["cat"], vocab["bird"]]) == "a photo of the dog"
+    after_sep = ids.clone()
+    after_sep[7:] = vocab["cat"]  # [CLS] a photo of the dog [SEP] cat cat cat
+    assert hf.decode(after_sep) == "a photo of the dog"
+    assert hf.decode(ids, skip_special_tokens=False).startswith("[CLS] a photo of the dog [SEP]")
+    stripped = HFTokenizer(hf_dir, context_length=10, strip_sep_token=True)
+    assert stripped.decode(stripped("a photo of the dog")[0]) == "a photo of the dog"
+    clips = HFTokenizer(hf_dir, context_length=10, tokenizer_mode="clips")
+    assert clips.decode(clips("a red bird")[0]) == "a red bird"
+
+
 @pytest.mark.parametrize("context_length", [2, 5, 12])
 def test_hf_clips_mode_matches_open_clip(hf_dir, context_length):
     ours = HFTokenizer(hf_dir, context_length=context_length, tokenizer_mode="clips")

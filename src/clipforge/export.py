@@ -531,8 +531,9 @@ class OnnxCLIP:
         if isinstance(images, np.ndarray):
             pixels = images
         else:
-            from .transforms import load_image
-            pixels = np.stack([self.preprocess(load_image(im) if isinstance(im, (str, os.PathLike)) else im).numpy()
+            from .transforms import load_image_for
+            pixels = np.stack([self.preprocess(load_image_for(self.preprocess, im) if isinstance(im, (str, os.PathLike))
+                                               else im).numpy()
                                for im in images])
         height, width = self.config.image_size
         if pixels.ndim != 4 or pixels.shape[1:] != (3, height, width):

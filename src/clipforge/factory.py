@@ -63,7 +63,7 @@ def _hub_dir_files(repo_id: str, cache_dir: Optional[PathLike]) -> Tuple[Path, P
 
 def _from_hub_layout(schema: str, where: str, cache_dir: Optional[PathLike],
                      overrides: Optional[dict]) -> Tuple[CLIP, PreprocessConfig]:
-    from .checkpoints.load import build_with_weights
+    from .checkpoints.load import build_with_weights, without_tower_downloads
     from .checkpoints.openclip_hub import find_weights, read_openclip_config
 
     if schema == "local-dir":
@@ -80,7 +80,7 @@ def _from_hub_layout(schema: str, where: str, cache_dir: Optional[PathLike],
 def _build(model_name: ModelName, pretrained: Optional[PathLike], strict: bool, cache_dir: Optional[PathLike],
            overrides: Optional[dict] = None) -> Tuple[CLIP, Optional[PreprocessConfig]]:
     """(model, preprocessing the weights need, or None for the architecture's default)."""
-    from .checkpoints.load import build_with_weights
+    from .checkpoints.load import build_with_weights, without_tower_downloads
     from .pretrained import download_pretrained, get_pretrained_cfg, is_pretrained_tag
 
     schema, where = parse_model_name(model_name)
@@ -113,7 +113,9 @@ def _build(model_name: ModelName, pretrained: Optional[PathLike], strict: bool, 
     cfg = (cfg or _resolve_config(model_name, state_dict)).with_overrides(overrides)
     if strict:
         return build_with_weights(cfg, state_dict, str(path)), preprocess
-    return load_state_dict_into(build_model(cfg), state_dict, strict=False, source=str(path)).eval(), preprocess
+    # the checkpoint holds the towers' weights: no hub download for them (OpenCLIP: pretrained_hf and not pretrained)
+    return load_state_dict_into(build_model(without_tower_downloads(cfg)), state_dict, strict=False,
+                                source=str(path)).eval(), preprocess
 
 
 def create_model(

@@ -74,8 +74,13 @@ def image_transform(
         aug = aug or AugmentationConfig()
         if aug.use_timm:
             return _timm_train_transform(cfg, aug)
-        return Compose(_train_steps(cfg, aug) + finish)
-    return Compose(_eval_resize_steps(cfg) + finish)
+        return ImageTransform(_train_steps(cfg, aug) + finish)
+    return ImageTransform(_eval_resize_steps(cfg) + finish)
+
+
+class ImageTransform(Compose):
+    """clipforge's image transform: it converts to RGB after resizing, as OpenCLIP's does, so it takes
+    a PIL image in any mode, and ``load_image_for`` hands it images in their file's own mode."""
 
 
 def _eval_resize_steps(cfg: PreprocessConfig) -> List[Callable]:
@@ -204,8 +209,10 @@ def load_image(
     source: ImageSource,
     target_size: Optional[Union[int, Tuple[int, int]]] = None,
     draft: bool = False,
+    convert_rgb: bool = True,
 ) -> Image.Image:
-    """Open an image (a path, or the bytes of an encoded file) fully decoded as RGB.
+    """Open an image (a path, or the bytes of an encoded file) fully decoded, as RGB unless ``convert_rgb=False``
+    (the file's own mode, for a transform that converts after resizing: see ``load_image_for``).
 
     This is clipforge's one image opener: training data, evaluation sets and ``classify`` all read
     images through it, so truncated files fail here (not later in a transform) with the same message.
@@ -214,12 +221,12 @@ def load_image(
     (1/2, 1/4 or 1/8) when every side stays at least `DRAFT_MARGIN` times the target side; other
     formats and smaller JPEGs decode in full. This is a speed/exactness trade-off: DCT scaling is
     not PIL's bicubic filter, so the final tensor is close to, but not bit-identical with, the one
-    from a full decode (and OpenCLIP). It is therefore off by default. The RGB conversion also
-    happens before any resize here, which differs from OpenCLIP's ``preprocess(Image.open(p))`` for
-    images whose mode PIL resizes differently: alpha (RGBA, premultiplied), palette ("P", nearest
-    neighbour) and 16-bit grey ("I;16", whose values above 255 the conversion clips to white, as
-    PIL and OpenCLIP both do). RGB, grey "L", CMYK and 1x1 images give OpenCLIP's tensor exactly;
-    EXIF orientation is not applied, as in OpenCLIP (tests/test_bad_inputs.py checks all of these).
+    from a full decode (and OpenCLIP). It is therefore off by default. Converting to RGB before the
+    resize differs from OpenCLIP's ``preprocess(Image.open(p))`` for images whose mode PIL resizes
+    differently: alpha (RGBA, premultiplied), palette ("P", nearest neighbour) and 16-bit grey
+    ("I;16"); ``load_image_for`` therefore keeps the mode for clipforge's transforms, which gives
+    OpenCLIP's tensor exactly for every mode. EXIF orientation is not applied, as in OpenCLIP
+    (tests/test_bad_inputs.py checks all of these).
     """
     is_bytes = isinstance(source, (bytes, bytearray))
     try:
@@ -229,7 +236,20 @@ def load_image(
                 # PIL picks the largest scale whose (ceil-rounded) output is >= the requested size.
                 img.draft("RGB", (DRAFT_MARGIN * width, DRAFT_MARGIN * height))
             img.load()
-            return img.convert("RGB")
+            return img.convert("RGB") if convert_rgb else img.copy()  # a copy outlives the closed file
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         name = f"<{len(source)} bytes>" if is_bytes else repr(os.fspath(source))
         raise ImageLoadError(f"cannot read image {name}: {type(err).__name__}: {err}") from err
+
+
+def load_image_for(transform: Optional[Callable], source: ImageSource,
+                   target_size: Optional[Union[int, Tuple[int, int]]] = None, draft: bool = False) -> Image.Image:
+    """``load_image`` for feeding ``transform``: the file's own mode for clipforge's ``ImageTransform``
+    (so alpha, palette and 16-bit images match OpenCLIP's ``preprocess(Image.open(p))``), RGB for any
+    other transform (a timm one, a user's), which may expect it."""
+    return load_image(source, target_size, draft, convert_rgb=not isinstance(transform, ImageTransform))
+
+
+def rgb_for(transform: Optional[Callable], image: Image.Image) -> Image.Image:
+    """An already opened PIL image as ``transform`` takes it (see ``load_image_for``)."""
+    return image if isinstance(transform, ImageTransform) else image.convert("RGB")

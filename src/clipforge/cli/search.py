@@ -43,7 +43,7 @@ def main(out: str, query: Optional[str] = None, *, image: Optional[str] = None, 
         if image is None:
             results = searcher.search_text(query or "", k, modality)
         else:
-            results = searcher.search_image(load_image(image), k, modality)
+            results = searcher.search_image(load_image(image, convert_rgb=False), k, modality)
     except (ValueError, FileNotFoundError, IndexError) as e:
         print(f"clipforge search: error: {e}", file=sys.stderr)
         return 2

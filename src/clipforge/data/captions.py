@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..transforms import load_image
+from ..transforms import load_image_for
 from .robust import BrokenSample, DataError, describe_exception
 
 PathLike = Union[str, Path]
@@ -281,7 +281,7 @@ class CaptionDataset(Dataset):
         if not rec.caption or not rec.caption.strip():
             return self._broken(rec, "EmptyCaption: empty caption")
         try:
-            image = self.transform(load_image(rec.path))
+            image = self.transform(load_image_for(self.transform, rec.path))
         except Exception as e:  # any decode/transform failure makes just this sample unusable
             return self._broken(rec, describe_exception(e))
         return image, self.tokenize([rec.caption])[0]
@@ -350,7 +350,7 @@ class ImageListDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, idx: int):
-        image = load_image(self.paths[idx])
+        image = load_image_for(self.transform, self.paths[idx])
         if self.transform is not None:
             image = self.transform(image)
         return image if self.targets is None else (image, self.targets[idx])

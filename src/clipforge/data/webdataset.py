@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..transforms import load_image
+from ..transforms import load_image_for
 from .robust import Batch, BrokenSample, DataError, collate_skipping, describe_exception
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -186,7 +186,7 @@ class WdsCaptionStream(IterableDataset):
             caption = sample[TEXT_EXT].decode("utf-8")
             if not caption.strip():
                 return BrokenSample(where, "EmptyCaption: empty caption")
-            image = self.transform(load_image(sample[img_key]))
+            image = self.transform(load_image_for(self.transform, sample[img_key]))
             return image, self.tokenize([caption])[0]
         except Exception as e:  # a single undecodable sample must not stop training
             return BrokenSample(where, describe_exception(e))

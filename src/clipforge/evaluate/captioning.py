@@ -23,7 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..precision import autocast
-from ..transforms import ImageLoadError, load_image
+from ..transforms import ImageLoadError, load_image_for, rgb_for
 from .features import Device, model_device
 
 # clip_benchmark's result keys, in its order (it also reports "SPICE"; see the module docstring)
@@ -63,7 +63,7 @@ def decode_captions(tokenizer, tokens: torch.Tensor) -> List[str]:
 
 
 def _pixels(image: ImageInput, transform: Callable) -> torch.Tensor:
-    return transform(image.convert("RGB") if isinstance(image, Image.Image) else load_image(image))
+    return transform(rgb_for(transform, image) if isinstance(image, Image.Image) else load_image_for(transform, image))
 
 
 def generate_captions(model: torch.nn.Module, tokenizer, images: torch.Tensor, device: Optional[Device] = None,
@@ -114,7 +114,7 @@ def caption_files(model: torch.nn.Module, paths: Sequence[Union[str, Path]], tok
         readable: List[Tuple[CaptionResult, Image.Image]] = []
         for result in results[start:start + batch_size]:
             try:
-                readable.append((result, load_image(result.path)))
+                readable.append((result, load_image_for(transform, result.path)))
             except ImageLoadError as e:
                 result.error = str(e)
         captions = caption_images(model, [im for _, im in readable], tokenizer, transform, batch_size, device,

@@ -16,7 +16,7 @@ from torch.utils.data import default_collate
 
 from ..data.captions import (CaptionGroups, ImageListDataset, read_coco_records, read_csv_records, read_table,
                              resolve_path)
-from ..transforms import load_image
+from ..transforms import load_image_for
 
 PathLike = Union[str, Path]
 TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe")
@@ -152,7 +152,7 @@ def _all_shards(urls):
 
 
 def _wds_image(data: bytes, transform: Optional[Callable] = None):
-    image = load_image(data)
+    image = load_image_for(transform, data)
     return transform(image) if transform is not None else image
 
 

@@ -7,7 +7,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from tqdm import tqdm
 
-from ..transforms import load_image
+from ..transforms import load_image_for
 from .features import Device, encode_text_batched, iter_image_features, model_device
 from .metrics import classification_metrics
 from .templates import Template, expand_prompts
@@ -123,7 +123,7 @@ def classify_images(
     results = []
     for start in range(0, len(image_paths), batch_size):
         paths = image_paths[start:start + batch_size]
-        images = torch.stack([preprocess(load_image(p)) for p in paths]).to(dev)
+        images = torch.stack([preprocess(load_image_for(preprocess, p)) for p in paths]).to(dev)
         with torch.no_grad():
             probs = (scale * model.encode_image(images, normalize=True) @ classifier).softmax(dim=-1)
         top_p, top_i = probs.float().cpu().topk(k, dim=-1)

@@ -38,7 +38,7 @@ from ..data.captions import read_caption_file, read_table, table_separator
 from ..data.robust import BrokenSample, DataError, describe_exception
 from ..data.webdataset import IMAGE_EXTS, TEXT_EXT, expand_urls, optional_import, read_shard_sizes
 from ..precision import autocast, check_precision
-from ..transforms import load_image
+from ..transforms import load_image_for
 from . import layout
 from .layout import CAPTION, IMAGE_PATH, EmbedInfo
 
@@ -312,7 +312,8 @@ class _ImageDataset(Dataset):
         path = self.paths[i].as_py()
         try:
             caption = _sidecar_caption(path) if self.sidecar else None
-            image = self.transform(load_image(path, self.draft_size, draft=self.draft_size is not None))
+            image = self.transform(load_image_for(self.transform, path, self.draft_size,
+                                                  draft=self.draft_size is not None))
         except Exception as e:  # one unreadable image is skipped and listed, never the end of the run
             return i, BrokenSample(path, describe_exception(e)), None
         return i, image, caption
@@ -371,7 +372,8 @@ class ShardParts(IterableDataset):
             img_key = next((k for k in IMAGE_EXTS if k in sample), None)
             if img_key is None:
                 return BrokenSample(where, "MissingImage: no jpg/jpeg/png/webp entry")
-            image = self.transform(load_image(sample[img_key], self.draft_size, draft=self.draft_size is not None))
+            image = self.transform(load_image_for(self.transform, sample[img_key], self.draft_size,
+                                                  draft=self.draft_size is not None))
         return sample.get("__key__"), sample.get("__url__"), image, caption
 
     def __iter__(self) -> Iterator[dict]:

@@ -141,10 +141,10 @@ class _Images:
 
     def __getitem__(self, i: int):
         from ..data.robust import describe_exception
-        from ..transforms import load_image
+        from ..transforms import load_image_for
 
         try:
-            return self.transform(load_image(self.paths[i])), i
+            return self.transform(load_image_for(self.transform, self.paths[i])), i
         except Exception as e:  # any decode/transform failure drops just this image
             return None, (i, describe_exception(e))
 

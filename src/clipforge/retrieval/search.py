@@ -168,9 +168,10 @@ class Searcher:
             raise ValueError(f"expected a PIL image, got {type(image).__name__}")
         self._index(modality)
         from ..evaluate.features import iter_image_features
+        from ..transforms import rgb_for
 
         model, transform, _ = self._load_model()
-        batch = transform(image.convert("RGB"))[None]  # [1, 3, H, W]
+        batch = transform(rgb_for(transform, image))[None]  # [1, 3, H, W]
         (features, _), = iter_image_features(model, [(batch, None)], self.device, use_tqdm=False)
         return self.search_embedding(features[0].numpy(), k, modality)
 
@@ -211,7 +212,9 @@ def search(folder: PathLike, text: Optional[str] = None, image: Optional[ImageIn
 
     from ..transforms import load_image
 
-    return searcher.search_image(image if isinstance(image, Image.Image) else load_image(image), k, modality)
+    if not isinstance(image, Image.Image):
+        image = load_image(image, convert_rgb=False)  # search_image converts as its transform needs
+    return searcher.search_image(image, k, modality)
 
 
 __all__ = ["Hit", "Searcher", "search"]

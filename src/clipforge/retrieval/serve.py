@@ -272,7 +272,7 @@ def create_app(searcher: "Searcher", *, max_k: int = MAX_K, max_upload_bytes: in
         if pixels > max_upload_pixels:
             raise HTTPException(413, f"image of {pixels} pixels is over the limit of {max_upload_pixels}")
         try:
-            image = load_image(file)
+            image = load_image(file, convert_rgb=False)  # search_image converts as its transform needs
         except ImageLoadError as e:
             raise HTTPException(400, f"the upload is not a readable image: {e}") from e
         return result({"image": f"<{len(file)} bytes>"}, modality, k, searcher.search_image, image)

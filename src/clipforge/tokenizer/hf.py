@@ -5,7 +5,7 @@ Mirrors OpenCLIP's ``HFTokenizer`` so ids match it: clean, then pad/truncate to 
 from __future__ import annotations
 
 import warnings
-from typing import Any, List, Optional, Union
+from typing import Any, Iterable, List, Optional, Union
 
 import torch
 
@@ -76,6 +76,21 @@ class HFTokenizer:
             set_lang(src_lang)
         else:
             warnings.warn(f"{type(self.tokenizer).__name__} has no source language to set.")
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """Ids back to text, e.g. a caption that a CoCa with this tokenizer generated.
+
+        With ``skip_special_tokens`` (the default) the text ends at the first end token ([SEP] or
+        EOS, whatever follows it is generation padding) and special tokens are dropped, the rule of
+        ``CLIPTokenizer.decode``.
+        """
+        if hasattr(ids, "tolist"):  # tensors and arrays
+            ids = ids.tolist()
+        ids = [int(i) for i in ids]
+        if skip_special_tokens:
+            ends = {t for t in (self.tokenizer.eos_token_id, self.tokenizer.sep_token_id) if t is not None}
+            ids = next((ids[:n] for n, i in enumerate(ids) if i in ends), ids)
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def __call__(self, texts: TextInput, context_length: Optional[int] = None) -> torch.Tensor:
         if isinstance(texts, str):
