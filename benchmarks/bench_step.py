@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import json
 import statistics
 import subprocess
@@ -25,7 +26,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_trainer import RESULTS, small_vit  # noqa: E402
-from common import count_flops, machine, matmul_peak  # noqa: E402
+from common import SHARED, count_flops, machine, matmul_peak  # noqa: E402
+
+
+def captions(batch: int) -> list:
+    """The first ``batch`` Flickr8k train captions (their lengths vary, as in training), else one
+    caption repeated (all rows equally long: text packing saves nothing then)."""
+    path = SHARED / "data" / "flickr8k" / "train" / "captions.tsv"
+    if not path.exists():
+        return ["a dog is running through the grass with a red ball in its mouth ."] * batch
+    with path.open(newline="") as f:
+        rows = [row["caption"] for _, row in zip(range(batch), csv.DictReader(f, delimiter="\t"))]
+    return rows
 
 
 def one(variant: str, batch: int, context: int, steps: int) -> dict:
@@ -40,8 +52,7 @@ def one(variant: str, batch: int, context: int, steps: int) -> dict:
     torch.manual_seed(0)
     cfg = small_vit(context)
     images = torch.randn(batch, 3, 64, 64)
-    texts = open_clip.tokenize(["a dog is running through the grass with a red ball in its mouth ."] * batch,
-                               context_length=context)
+    texts = open_clip.tokenize(captions(batch), context_length=context)
     precision = "bf16" if "bf16" in variant else "fp32"
     if variant.startswith("oc"):
         model = open_clip.CLIP(cfg["embed_dim"], open_clip.model.CLIPVisionCfg(**cfg["vision_cfg"]),
@@ -101,7 +112,9 @@ def main(argv=None) -> dict:
         return {}
     import torch
 
+    flickr = (SHARED / "data" / "flickr8k" / "train" / "captions.tsv").exists()
     out = {"machine": machine(), "batch": args.batch, "context": args.context, "steps": args.steps,
+           "captions": f"the first {args.batch} Flickr8k train captions" if flickr else "one caption repeated",
            "matmul_peak_fp32_gflops": matmul_peak(torch.float32) / 1e9, "runs": []}
     for variant in args.variants.split(","):
         proc = subprocess.run([sys.executable, __file__, "--one", variant, "--batch", str(args.batch),
@@ -119,7 +132,7 @@ def main(argv=None) -> dict:
     lines = [f"# One training step in-process, batch {args.batch}, context {args.context}", "",
              f"Machine: {m.get('cpu')}, ISA {m.get('isa')}, torch CPU capability {m.get('torch_cpu_capability')}, "
              f"precision auto picks {m.get('auto_precision_cpu')}; fp32 matmul peak "
-             f"{out['matmul_peak_fp32_gflops']:.1f} GFLOP/s.", "",
+             f"{out['matmul_peak_fp32_gflops']:.1f} GFLOP/s. Text: {out['captions']}; random images.", "",
              "| variant | precision | s/step | samples/s | vs cf | GFLOP/step | achieved GFLOP/s |", "|---|---|---|---|---|---|---|"]
     for r in out["runs"]:
         lines.append(f"| {r['variant']} | {r['precision']} | {r['median_s']:.2f} | {r['samples_per_s']:.1f} | "

@@ -88,13 +88,19 @@ def test_last_block_runs_for_the_pooled_token_only(text_cfg, checkpointing):
     images = torch.randn(4, 3, 32, 32, dtype=torch.float64)
     tokens = open_clip.tokenize(["a", "a dog on the beach", "two men ride red bikes up a hill", "cat"],
                                 context_length=16)
-    seen = []
+    seen, first = [], []
     hooks = [tower.transformer.resblocks[-1].mlp.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
              for tower in (model.visual, model.text)]
+    hooks.append(model.text.transformer.resblocks[0].mlp.register_forward_hook(lambda m, i, o: first.append(i[0].shape)))
     features = torch.cat([model.encode_image(images), model.encode_text(tokens)])
     for hook in hooks:
         hook.remove()
     assert seen == [1, 1], seen  # the last block's MLP saw one position per row in each tower
+    lengths = model.text.pooled_lengths(tokens)
+    if text_cfg.get("no_causal_mask") or text_cfg.get("pool_type") == "first":  # all rows as long as the longest
+        assert first[0][:-1] == (len(tokens), int(lengths.max())), first
+    else:  # causal: the blocks ran on each caption's own tokens, packed
+        assert first[0][:-1] == (int(lengths.sum()),) and lengths.sum() < 0.6 * lengths.max() * len(tokens), first
     grads = torch.autograd.grad(features.square().sum(), list(model.parameters()), allow_unused=True)
     reference = torch.cat(_full_trunk_features(model, images, tokens))
     ref_grads = torch.autograd.grad(reference.square().sum(), list(model.parameters()), allow_unused=True)
@@ -103,6 +109,31 @@ def test_last_block_runs_for_the_pooled_token_only(text_cfg, checkpointing):
         assert (grad is None) == (ref is None), name
         if grad is not None:
             torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_packed_causal_stack_equals_the_padded_one():
+    """``Transformer(lengths=)`` on packed tokens: each row's first ``lengths`` outputs and every
+    gradient equal the padded stack's; the positions after a row's end come out as zeros."""
+    from clipforge.models.layers import Transformer
+
+    torch.manual_seed(0)
+    stack = Transformer(width=32, layers=3, heads=4).double()
+    x = torch.randn(5, 9, 32, dtype=torch.float64)
+    lengths = torch.tensor([9, 1, 4, 7, 2])
+    valid = (torch.arange(9) < lengths[:, None])[..., None]  # [B, L, 1]
+    packed = stack(x, is_causal=True, lengths=lengths)
+    assert packed[~valid.expand_as(packed)].abs().max() == 0
+    padded = stack(x, is_causal=True) * valid
+    torch.testing.assert_close(packed, padded, rtol=0, atol=1e-6)  # LayerNorm runs in fp32
+    weights = torch.randn_like(x)
+    grads = torch.autograd.grad((packed * weights).sum(), list(stack.parameters()))
+    ref_grads = torch.autograd.grad((padded * weights).sum(), list(stack.parameters()))
+    for (name, _), grad, ref in zip(stack.named_parameters(), grads, ref_grads):
+        torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    kept = stack(x, is_causal=True, lengths=lengths, keep=lengths - 1)  # with the last block run for one token
+    torch.testing.assert_close(kept[:, 0], padded[torch.arange(5), lengths - 1], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="causal"):
+        stack(x, lengths=lengths)  # without the causal mask a row's padding would be seen
 
 
 def test_state_dict_layout_and_init():

@@ -34,10 +34,16 @@ def _batch(n: int = 8):
     return images, texts
 
 
-def test_auto_kernel_choice():
+def test_auto_kernel_choice(monkeypatch):
     params = [torch.nn.Parameter(torch.randn(3))]
-    assert optimizer_kernel(OptimSettings(), params) == {"fused": False, "foreach": True}  # CPU
+    assert optimizer_kernel(OptimSettings(), params) == {"fused": True, "foreach": False}  # CPU, torch >= 2.4
     from types import SimpleNamespace
+    from clipforge.train import optim
+    monkeypatch.setattr(optim, "_TORCH_VERSION", (2, 3))  # no fused CPU kernel before torch 2.4
+    assert optimizer_kernel(OptimSettings(), params) == {"fused": False, "foreach": True}
+    monkeypatch.undo()
+    meta_auto = [torch.nn.Parameter(torch.randn(3, device="meta"))]
+    assert optimizer_kernel(OptimSettings(), meta_auto) == {"fused": False, "foreach": True}  # other devices
     on_gpu = [SimpleNamespace(device=torch.device("cuda", 0))]  # only the device is looked at
     assert optimizer_kernel(OptimSettings(), on_gpu) == {"fused": True, "foreach": False}
     meta = [torch.nn.Parameter(torch.randn(3, device="meta"))]

@@ -19,6 +19,10 @@ from .layers import KVCache, Transformer, activation, lock_groups, norm
 POOL_TYPES = ("argmax", "first", "last", "eos", "none")
 
 
+def _tracing() -> bool:
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+
+
 class TextTransformer(nn.Module):
     def __init__(self, cfg: TextConfig, output_dim: int, quick_gelu: bool = False, device=None, dtype=None):
         super().__init__()
@@ -88,6 +92,18 @@ class TextTransformer(nn.Module):
         if text.numel() == 0:
             return text
         return text[:, : int(self.pooled_lengths(text).max())]
+
+    def _packed_lengths(self, text: torch.Tensor, index: torch.Tensor) -> Optional[torch.Tensor]:
+        """Per-row lengths to run the causal blocks on packed tokens (``Transformer(lengths=)``), or None.
+
+        Packing pays when rows are of unequal length (random training batches), and is skipped when
+        it would save under a tenth of the tokens (batches bucketed by length, one prompt) and while
+        tracing or compiling, where its data-dependent token count would break static shapes.
+        """
+        if not self.cfg.causal or text.numel() == 0 or _tracing():
+            return None
+        lengths = index + 1
+        return lengths if int(lengths.sum()) < 0.9 * text.numel() else None
 
     def _embeds(self, text: torch.Tensor) -> torch.Tensor:
         """Token plus positional embeddings [B, L, D] (no CLS), in the blocks' dtype."""
@@ -172,7 +188,8 @@ class TextTransformer(nn.Module):
                 text = self._trim(text)
                 index = self._pool_index(text)
             if index is not None:  # only the pooled token leaves the trunk: the last block runs for it alone
-                tokens = self.transformer(self._embeds(text), is_causal=self.cfg.causal, keep=index)
+                tokens = self.transformer(self._embeds(text), is_causal=self.cfg.causal, keep=index,
+                                          lengths=self._packed_lengths(text, index))
                 pooled = self.ln_final(tokens[:, 0])
             else:
                 tokens = self.forward_features(text)

@@ -83,7 +83,7 @@ class OptimSettings:
     grad_clip_norm: Optional[float] = None
     """clip the global gradient norm to this; null: no clipping"""
     implementation: str = "auto"
-    """AdamW kernel: auto (fused on CUDA, foreach elsewhere and for FSDP2's sharded parameters) | fused | foreach | for-loop"""
+    """AdamW kernel: auto (fused on CUDA and, from torch 2.4, on the CPU; foreach elsewhere and for FSDP2's sharded parameters) | fused | foreach | for-loop"""
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
