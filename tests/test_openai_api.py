@@ -306,3 +306,61 @@ def test_openai_readme_snippets_run_unchanged(files, tmp_path):
         layout = [re.findall(r"[A-Za-z_:]+", text) for text in (ours, theirs)]
         assert layout[0] == layout[1]  # same labels in the same order
     assert "Label probs:" in _run_snippet(USAGE, "clipforge", files["vit"], image_file)
+
+
+class _CoOpTextEncoder(torch.nn.Module):
+    """CoOp's TextEncoder (KaiyangZhou/CoOp, trainers/coop.py), verbatim: built from OpenAI's root attributes."""
+
+    def __init__(self, clip_model):
+        super().__init__()
+        self.transformer = clip_model.transformer
+        self.positional_embedding = clip_model.positional_embedding
+        self.ln_final = clip_model.ln_final
+        self.text_projection = clip_model.text_projection
+        self.dtype = clip_model.dtype
+
+    def forward(self, prompts, tokenized_prompts):
+        x = prompts + self.positional_embedding.type(self.dtype)
+        x = x.permute(1, 0, 2)  # NLD -> LND
+        x = self.transformer(x)
+        x = x.permute(1, 0, 2)  # LND -> NLD
+        x = self.ln_final(x).type(self.dtype)
+        x = x[torch.arange(x.shape[0]), tokenized_prompts.argmax(dim=-1)] @ self.text_projection
+        return x
+
+
+def _coop_features(clip_model, n_ctx: int = 4):
+    """CoOp's prompt learner: learned context vectors between SOS and the class name; (features, ctx)."""
+    classnames = ["dog", "cat", "a small red car"]
+    tokenized = clip.tokenize([" ".join(["X"] * n_ctx) + " " + name + "." for name in classnames])
+    with torch.no_grad():
+        embedding = clip_model.token_embedding(tokenized).type(clip_model.dtype)
+    ctx = torch.nn.Parameter(torch.randn(n_ctx, embedding.shape[-1], generator=torch.Generator().manual_seed(0)) * 0.02)
+    prompts = torch.cat([embedding[:, :1], ctx.expand(len(classnames), -1, -1), embedding[:, 1 + n_ctx:]], dim=1)
+    return _CoOpTextEncoder(clip_model)(prompts, tokenized), ctx
+
+
+def test_prompt_learning_code_runs_on_the_root_attributes_as_on_openais(files):
+    """CoOp-style code reaches the text tower through ``model.transformer`` (sequence-first),
+    ``positional_embedding``, ``ln_final``, ``text_projection`` and ``token_embedding``: the same
+    features and context gradients as on OpenAI's class, with the state dict unchanged."""
+    ref = _reference(files["vit"])
+    model, _ = clipforge.load(str(files["vit"]), device="cpu")
+    keys = set(model.state_dict())
+    ours, ctx_ours = _coop_features(model)
+    theirs, ctx_theirs = _coop_features(ref)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    ours.square().sum().backward()
+    theirs.square().sum().backward()
+    torch.testing.assert_close(ctx_ours.grad, ctx_theirs.grad, rtol=1e-4, atol=1e-6)
+    assert ctx_ours.grad.abs().max() > 0
+    # the blocks are the model's: a frozen text tower is frozen through the view, and no key is added
+    assert all(a is b for a, b in zip(model.transformer.parameters(), model.text.transformer.parameters()))
+    assert len(model.transformer.resblocks) == model.transformer.layers == len(ref.transformer.resblocks)
+    assert model.transformer.width == ref.transformer.width
+    assert set(model.state_dict()) == keys
+    # without prompts the path is encode_text
+    text = clip.tokenize(["a photo of a dog"])
+    with torch.no_grad():
+        through_view = _CoOpTextEncoder(model)(model.token_embedding(text), text)
+        torch.testing.assert_close(through_view, model.encode_text(text), rtol=1e-5, atol=1e-6)

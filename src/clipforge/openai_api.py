@@ -6,6 +6,10 @@ releases, fetched from the same URLs into the same ``~/.cache/clip`` and checked
 sha256), and a model with OpenAI's surface: ``model(image, text)`` returns ``(logits_per_image,
 logits_per_text)``, ``encode_image``/``encode_text`` return unnormalised features, and
 ``visual.input_resolution``, ``context_length``, ``vocab_size``, ``dtype`` and ``logit_scale`` are there.
+The text tower's parts sit at the root as in OpenAI's class (``token_embedding``,
+``positional_embedding``, ``transformer``, ``ln_final``, ``text_projection``), so prompt-learning code
+(CoOp and its successors) that builds its own text encoder from them runs unchanged; ``transformer``
+takes OpenAI's sequence-first [L, N, D] tokens.
 
 Where clipforge does not do what OpenAI's ``load`` does, it says so here rather than pretend:
 
@@ -20,6 +24,9 @@ Where clipforge does not do what OpenAI's ``load`` does, it says so here rather 
 * A local file must be in OpenAI's layout (a TorchScript archive, or a state dict with the text
   tower at the root), as OpenAI's ``load`` requires; its weights are taken to use QuickGELU, as
   OpenAI's model class always does. OpenCLIP checkpoints go through ``create_model_and_transforms``.
+* Only the root ``transformer`` is sequence-first. ``visual.transformer`` and every ``resblocks[i]``
+  are clipforge's batch-first modules ([N, L, D]); code that feeds them OpenAI's [L, N, D] gets wrong
+  numbers without an error, so ViT-internal hacks written for OpenAI's class need a transpose.
 """
 from __future__ import annotations
 
@@ -38,8 +45,9 @@ from .checkpoints.load import build_with_weights, unwrap_state_dict
 from .checkpoints.openai import file_layout, infer_config
 from .config import PreprocessConfig
 from .models.clip import CLIP, text_keys_from_root, text_keys_to_root
+from .models.layers import Transformer
 
-__all__ = ["OPENAI_MODEL_NAMES", "OpenAICLIP", "available_models", "load", "tokenize"]
+__all__ = ["OPENAI_MODEL_NAMES", "OpenAICLIP", "SeqFirstTransformer", "available_models", "load", "tokenize"]
 
 # OpenAI's names (``clip.available_models()``, in its order) -> the clipforge architecture whose
 # ``openai`` tag (clipforge.pretrained) holds that release's URL and sha256.
@@ -66,6 +74,25 @@ def available_models() -> List[str]:
     return list(OPENAI_MODEL_NAMES)
 
 
+class SeqFirstTransformer(nn.Module):
+    """OpenAI's ``model.transformer``: a text tower's blocks on sequence-first [L, N, D] tokens, causal.
+
+    clipforge's :class:`~clipforge.models.layers.Transformer` is batch-first; OpenAI's takes [L, N, D]
+    and code written for it permutes before and after the call. ``resblocks`` are the tower's own
+    modules, so training or freezing them here trains or freezes the model.
+    """
+
+    def __init__(self, stack: Transformer, causal: bool):
+        super().__init__()
+        self.width, self.layers, self.causal = stack.width, stack.layers, causal
+        self.resblocks = stack.resblocks
+        object.__setattr__(self, "_stack", stack)  # run by the stack (checkpointing), not registered twice
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[L, N, width] -> [L, N, width]."""
+        return self._stack(x.transpose(0, 1), is_causal=self.causal).transpose(0, 1)
+
+
 class OpenAICLIP(nn.Module):
     """A clipforge CLIP's towers behind OpenAI's ``clip.model.CLIP`` interface.
 
@@ -85,6 +112,8 @@ class OpenAICLIP(nn.Module):
         self.text = model.text
         self.logit_scale = model.logit_scale
         self.visual.input_resolution = model.cfg.vision_cfg.image_size  # OpenAI's name for the image size
+        # not a registered child: its blocks are already in the state dict under ``text.`` (-> the root)
+        object.__setattr__(self, "_seq_first", SeqFirstTransformer(self.text.transformer, model.cfg.text_cfg.causal))
         self._register_state_dict_hook(_keys_to_root)
         self._register_load_state_dict_pre_hook(_keys_from_root, with_module=True)
 
@@ -95,6 +124,27 @@ class OpenAICLIP(nn.Module):
     @property
     def vocab_size(self) -> int:
         return self.cfg.text_cfg.vocab_size
+
+    @property
+    def transformer(self) -> SeqFirstTransformer:
+        """The text blocks on OpenAI's sequence-first [L, N, D] tokens."""
+        return self._seq_first
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.text.token_embedding
+
+    @property
+    def positional_embedding(self) -> nn.Parameter:
+        return self.text.positional_embedding
+
+    @property
+    def ln_final(self) -> nn.Module:
+        return self.text.ln_final
+
+    @property
+    def text_projection(self) -> nn.Parameter:
+        return self.text.text_projection
 
     @property
     def dtype(self) -> torch.dtype:
