@@ -202,15 +202,13 @@ def test_decode_cleans_special_tokens():
 
 def test_clipforge_train_trains_resumes_and_exports_a_coca(tmp_path):
     """Two epochs straight, or one and then a resume: bit-identical weights; the export loads in open_clip."""
-    from train_utils import tiny_config, write_caption_tsv
+    from train_utils import tiny_coca_config, tiny_config, write_caption_tsv
 
     from clipforge.checkpoints.io import read_checkpoint
     from clipforge.train.config import TrainConfig
     from clipforge.train.loop import train
 
-    g = GOLDEN["config"]  # CLIP's vocabulary (the training tokenizer's), widths of 8 to keep the runs small
-    model_cfg = {**g, "embed_dim": 8, "text_cfg": {**g["text_cfg"], "vocab_size": 49408, "width": 8, "layers": 1},
-                 "multimodal_cfg": {**g["multimodal_cfg"], "width": 8, "layers": 1}}
+    model_cfg = tiny_coca_config()
     tsv = write_caption_tsv(tmp_path / "data", n_images=8)
     # 16 pairs, 4 per micro-batch, 2 micro-batches per step (GradCache): 2 steps per epoch; a constant
     # lr so that a one-epoch run follows the same schedule as the two-epoch one

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from clipforge.checkpoints import read_checkpoint
 from clipforge.train import TrainConfig, train
 from clipforge.train.checkpoint import list_checkpoints
 
-from train_utils import TINY_SIGLIP, tiny_config, write_caption_tsv, write_yaml
+from train_utils import TINY_SIGLIP, tiny_coca_config, tiny_config, write_caption_tsv, write_yaml
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +39,13 @@ def _weights(run_dir):
     return read_checkpoint(run_dir / "final" / "open_clip_model.safetensors")
 
 
-def _torchrun(config_path, nproc=2, timeout=240):
+def _torchrun(config_path, nproc=2, timeout=240) -> str:
+    """Train under torchrun; returns what the ranks printed (stdout, then stderr)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(29500 + os.getpid() % 2000), "-m", "clipforge", "train", "--config", str(config_path)]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("distributed,loss_kind,accum", [("ddp", "clip", 1), ("fsdp", "clip", 1), ("ddp", "siglip", 1),
@@ -73,6 +76,38 @@ def test_two_ranks_match_one_rank_with_twice_the_batch(tsv, tmp_path, distribute
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
     moved = max((one[k] - _weights_at_init(single)[k]).abs().max().item() for k in one)
     assert moved > 5e-5  # one step of lr 1e-4 changed the weights, so the comparison means something
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="the caption metrics (pycocoevalcap) need java")
+def test_fsdp_shards_a_coca_decoder_too_and_validates_its_captions(tsv, tmp_path):
+    """FSDP2 shards every CoCa parameter but the logit scale (the caption decoder and its vocabulary
+    head included) and trains and validates as DDP does: the same gradients, weights and caption metrics.
+
+    DDP is the reference, not 1 rank x 2B: the captioning loss is each rank's mean over its own
+    non-pad tokens (as OpenCLIP's CoCaLoss), so 2 ranks weigh tokens differently from 1 rank.
+    """
+    common = dict(model={"config": tiny_coca_config()}, max_steps=1, aug={"scale": [1.0, 1.0]},
+                  optim={"lr": 1e-4, "warmup_steps": 1}, threads=1, batch_size=8,
+                  val={"data": str(tsv), "batch_size": 16, "every_n_steps": 1, "every_n_epochs": None})
+    printed = {}
+    for kind in ("ddp", "fsdp"):
+        path = write_yaml(tmp_path / f"{kind}.yaml", tiny_config(tmp_path, tsv, name=kind, distributed=kind, **common))
+        printed[kind] = _torchrun(path)
+    line = next(x for x in printed["fsdp"].splitlines() if x.startswith("fsdp: "))
+    assert line.endswith("replicated on every rank: logit_scale"), line
+    runs = [tmp_path / "runs" / kind for kind in ("ddp", "fsdp")]
+    ddp, fsdp = (_weights(run) for run in runs)
+    assert ddp.keys() == fsdp.keys() and any(k.startswith("text_decoder.cross_attn.") for k in ddp)
+    worst = max((ddp[k] - fsdp[k]).abs().max().item() for k in ddp)
+    assert worst <= 1e-5, worst
+    grads = [{k: v["exp_avg"] / 0.1 for k, v in read_checkpoint(list_checkpoints(run)[-1])["optimizer"]["state"].items()}
+             for run in runs]
+    scale = max(g.abs().max().item() for g in grads[0].values())
+    assert max((grads[0][k] - grads[1][k]).abs().max().item() for k in grads[0]) <= 1e-5 * scale
+    vals = [[json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines() if '"val"' in r] for run in runs]
+    assert len(vals[0]) == len(vals[1]) == 1
+    for key in ("caption_Bleu_4", "caption_CIDEr", "image_retrieval_recall@1"):
+        assert vals[1][0][key] == pytest.approx(vals[0][0][key], abs=1e-4), key
 
 
 def _weights_at_init(cfg: TrainConfig):

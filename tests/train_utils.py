@@ -16,6 +16,15 @@ TINY_MODEL = {
 }
 TINY_SIGLIP = {**copy.deepcopy(TINY_MODEL), "init_logit_bias": -10.0, "init_logit_scale": float(np.log(10.0))}
 
+
+def tiny_coca_config() -> Dict:
+    """tests/golden's tiny CoCa with CLIP's vocabulary (the training tokenizer's) and widths of 8."""
+    import torch
+
+    g = torch.load(Path(__file__).parent / "golden" / "coca_tiny.pt", weights_only=True)["config"]
+    return {**g, "embed_dim": 8, "text_cfg": {**g["text_cfg"], "vocab_size": 49408, "width": 8, "layers": 1},
+            "multimodal_cfg": {**g["multimodal_cfg"], "width": 8, "layers": 1}}
+
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "yellow": (230, 220, 40)}
 SHAPES = ("square", "stripe")
 

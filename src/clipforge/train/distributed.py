@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..models.layers import CrossAttentionBlock, ResidualAttentionBlock
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -64,8 +66,17 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def fsdp_units(model: nn.Module) -> list:
+    """What FSDP2 shards, in the order it must be sharded (inner units first): every residual block
+    (self- and cross-attention, e.g. CoCa's decoder), then each tower, i.e. every top-level child that
+    holds parameters (``visual``, ``text``, CoCa's ``text_decoder``)."""
+    blocks = [m for m in model.modules() if isinstance(m, (ResidualAttentionBlock, CrossAttentionBlock))]
+    towers = [m for m in model.children() if next(m.parameters(), None) is not None]
+    return blocks + towers
+
+
 def wrap_model(model: nn.Module, kind: str, info: DistInfo) -> nn.Module:
-    """DDP, or FSDP2 with every residual block and then each tower sharded.
+    """DDP, or FSDP2 with :func:`fsdp_units` sharded.
 
     FSDP2 cannot shard 0-d parameters, so the logit scale/bias stay whole on every rank; their
     gradients are averaged by :func:`sync_replicated_grads` (DDP would do it for us).
@@ -79,14 +90,21 @@ def wrap_model(model: nn.Module, kind: str, info: DistInfo) -> nn.Module:
         return DistributedDataParallel(model, device_ids=ids)
     from torch.distributed.fsdp import fully_shard
 
-    for module in model.modules():
-        blocks = getattr(module, "resblocks", None)
-        if isinstance(blocks, nn.ModuleList):
-            for block in blocks:
-                fully_shard(block)
-    for tower in (model.visual, model.text):
-        fully_shard(tower)
+    # Sharded parameters are gathered around forward() only, so sharded models call forward alone
+    # (CoCa's generation then recomputes the prefix instead of using its KV cache).
+    for unit in fsdp_units(model):
+        fully_shard(unit)
     return model
+
+
+def describe_sharding(model: nn.Module, replicated: list) -> str:
+    """One line for the log: how much of the model FSDP2 shards, and which parameters stay whole."""
+    kept = {id(p) for p in replicated}
+    names = [n for n, p in model.named_parameters() if id(p) in kept]
+    total = sum(p.numel() for p in model.parameters())
+    whole = sum(p.numel() for p in replicated)
+    return (f"fsdp: {total - whole:,} of {total:,} parameters sharded; "
+            f"replicated on every rank: {', '.join(names) or 'none'}")
 
 
 def replicated_params(model: nn.Module, kind: str, info: DistInfo) -> list:

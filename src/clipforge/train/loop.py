@@ -28,8 +28,8 @@ from ..transforms import image_transform
 from .checkpoint import (find_resume, gather_rng_states, list_checkpoints, load_optimizer_state, model_state,
                          optimizer_state, prepare_checkpoint_dir, save_checkpoint, set_rng_state)
 from .config import LossSettings, ModelSettings, TeacherSettings, TrainConfig, save_config
-from .distributed import (DistInfo, all_reduce_mean, barrier, clip_grad_norm, init_distributed, replicated_params,
-                          shutdown_distributed, sync_replicated_grads, unwrap, wrap_model)
+from .distributed import (DistInfo, all_reduce_mean, barrier, clip_grad_norm, describe_sharding, init_distributed,
+                          replicated_params, shutdown_distributed, sync_replicated_grads, unwrap, wrap_model)
 from .logger import SKIPPED_FILE, MetricsLogger, plot_metrics
 from .optim import build_optimizer, lr_at, set_lr
 from .step import forward_backward
@@ -227,6 +227,8 @@ class Trainer:
         if cfg.compile:  # the parameters stay self.model's: checkpoints, validation and export are unchanged
             self.wrapped = torch.compile(self.wrapped)
         self.replicated = replicated_params(self.model, cfg.distributed, info)
+        if cfg.distributed == "fsdp" and info.distributed and info.is_main:
+            tqdm.write(describe_sharding(self.model, self.replicated))
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.loss_kind, loss_warning = resolve_loss_kind(cfg.loss.kind, self.model)
