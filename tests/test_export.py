@@ -297,6 +297,20 @@ def test_int8_kept_when_cosine_is_high_enough_and_reported(tiny_dir, tmp_path):
     assert cosine_rows(runner.encode_text(PROMPTS), want_text).min() >= 0.9
     graph = (out / "image_encoder.onnx").read_bytes()
     assert b"DynamicQuantizeLinear" in graph and b"MatMulInteger" in graph
+    # per output channel and 7 bits (no int16 overflow on CPUs without VNNI): every weight of a
+    # MatMulInteger has one zero point per output column and values within [-64, 64] (8 bits: 127)
+    import onnx
+    from onnx import numpy_helper
+
+    for name in ("image_encoder.onnx", "text_encoder.onnx"):
+        model = onnx.load(str(out / name))
+        inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        matmuls = [n for n in model.graph.node if n.op_type == "MatMulInteger" and n.input[1] in inits]
+        assert matmuls, name
+        for node in matmuls:
+            weight = inits[node.input[1]]
+            assert weight.dtype == np.int8 and np.abs(weight.astype(np.int16)).max() <= 64, node.name
+            assert inits[node.input[3]].shape == (weight.shape[1],), node.name  # weight zero point per column
 
 
 def test_int8_refused_below_min_cosine_and_nothing_written(tiny_dir, tmp_path):
