@@ -4,10 +4,11 @@ Both tools run as command lines, one after the other in the same sitting, on the
 images with a caption ``.txt`` beside each (clip-retrieval's ``files`` input format, which
 clipforge also reads), with the same architecture and the same checkpoint file (an OpenCLIP-format
 state dict: ``--checkpoint``, or a seeded random initialisation written once, so nothing is
-downloaded). clip-retrieval is the real package (``pip install clip-retrieval`` into a separate
-virtual environment, given as ``--cr-python``; it pins numpy<2 and pyarrow<16, so it cannot share
-clipforge's environment), run through its own CLI (``clip_retrieval.cli inference``), which loads
-the model with ``all_clip`` → ``open_clip.create_model_and_transforms(arch, pretrained=file)``.
+downloaded). clip-retrieval is the real package, installed into a separate virtual environment
+given as ``--cr-python`` (``pip install clip-retrieval 'setuptools<81'``: its OpenAI ``clip`` imports
+``pkg_resources``; it pins numpy<2 and pyarrow<16, so it cannot share clipforge's environment),
+run through its own CLI (``clip_retrieval.cli inference``), which loads the model with
+``all_clip`` → ``open_clip.create_model_and_transforms(arch, pretrained=file)``.
 
 Images and captions are timed separately (``--enable_text False`` / ``--enable_image False`` and
 ``--modalities image`` / ``--modalities text``): clip-retrieval 2.45's files reader keys images and
