@@ -313,6 +313,36 @@ def test_int8_kept_when_cosine_is_high_enough_and_reported(tiny_dir, tmp_path):
             assert inits[node.input[3]].shape == (weight.shape[1],), node.name  # weight zero point per column
 
 
+def _int8_matmuls(path):
+    import onnx
+    return [n for n in onnx.load(str(path)).graph.node if n.op_type == "MatMulInteger"]
+
+
+def test_int8_of_the_image_encoder_only_keeps_the_text_encoder_fp32(tiny_dir, tmp_path):
+    ref, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tiny_dir}")
+    ref.eval()
+    out = tmp_path / "int8-image"
+    cfg = export(f"local-dir:{tiny_dir}", out, progress=False,
+                 options=ExportOptions(int8=True, int8_encoders=("image",), int8_min_cosine=0.9)).config
+    assert (cfg.weights, cfg.encoder_weights) == ("mixed", {"image": "int8", "text": "fp32"})
+    assert "image_int8_min_cosine" in cfg.check and "text_int8_min_cosine" not in cfg.check
+    assert _int8_matmuls(out / "image_encoder.onnx") and not _int8_matmuls(out / "text_encoder.onnx")
+    runner = OnnxCLIP(out, threads=2)
+    with torch.no_grad():
+        want_text = ref.encode_text(open_clip.get_tokenizer(f"local-dir:{tiny_dir}")(PROMPTS)).numpy()
+    assert _max_abs(runner.encode_text(PROMPTS), want_text) <= PARITY  # the fp32 text encoder, exact
+    # a threshold the text encoder cannot meet refuses only where text is quantised
+    text_only = ExportOptions(int8=True, int8_encoders=("text",), int8_min_cosine=1.0)
+    with pytest.raises(Int8AccuracyError, match=r"int8 text encoder refused: .*quantise only the other encoder"):
+        export(f"local-dir:{tiny_dir}", tmp_path / "int8-text", options=text_only, progress=False)
+    assert not (tmp_path / "int8-text").exists()
+    plain = export(f"local-dir:{tiny_dir}", tmp_path / "fp32", progress=False).config
+    assert (plain.weights, plain.encoder_weights) == ("fp32", {"image": "fp32", "text": "fp32"})
+    done = _cli(f"local-dir:{tiny_dir}", tmp_path / "cli", "--no-progress", "--int8", "--int8_encoders", "image",
+                "--int8_min_cosine", "0.9")
+    assert done.returncode == 0 and "onnx (image int8, text fp32)" in done.stdout, done.stderr
+
+
 def test_int8_refused_below_min_cosine_and_nothing_written(tiny_dir, tmp_path):
     out = tmp_path / "int8"
     refused = r"int8 image encoder refused: .*cosine 0\.\d+.*below int8_min_cosine=1"
@@ -347,6 +377,8 @@ def test_cli_writes_then_refuses_then_overwrites(tiny_dir, tmp_path):
     (["--opset", "13"], 2, "opset 13 is too old"),
     (["--format", "torch.export", "--int8"], 2, "int8 applies to the onnx format"),
     (["--int8_min_cosine", "1.5"], 2, "int8_min_cosine must be in (0, 1]"),
+    (["--int8_encoders", "image"], 2, "int8_encoders applies with int8: add --int8"),
+    (["--int8", "--int8_encoders", "image,audio"], 2, "int8_encoders must name image and/or text once each"),
 ])
 def test_cli_bad_options(tiny_dir, tmp_path, args, code, message):
     done = _cli(f"local-dir:{tiny_dir}", tmp_path / "out", *args)

@@ -25,7 +25,10 @@ output channel to 7 bits (``reduce_range``): on CPUs without VNNI onnxruntime mu
 activations by s8 weights in pairs summed into int16, which full 8-bit weights overflow. With
 onnxruntime's defaults (per tensor, 8 bits) a random ViT-B-32 image tower kept min cosine 0.987 on
 this AVX2 CPU; per channel at 7 bits it keeps 0.9996. Since the files run wherever they are copied,
-the 7-bit weights are used on every machine, not only where the export ran.
+the 7-bit weights are used on every machine, not only where the export ran. ``int8_encoders``
+quantises one encoder and keeps the other fp32: text towers lose more to int8 than image towers
+(random ViT-B-32: image 0.9997, text 0.998), and an image collection is embedded far more often
+than queries are, so ``("image",)`` is the usual choice when the text encoder misses the bar.
 """
 from __future__ import annotations
 
@@ -59,6 +62,7 @@ CHECK_PROMPTS = ("a photo of a cat", "a diagram of a rocket engine", "two dogs p
                  "A man in a red jacket climbs a rock wall .", "a cup of coffee on a saucer, seen from above",
                  "an astronaut", "the quick brown fox jumps over the lazy dog near the river bank at dawn")
 CHECK_IMAGES = 4
+ENCODERS = ("image", "text")
 BPE_LICENSE = "LICENSE-openai-clip-bpe.txt"
 
 
@@ -74,6 +78,7 @@ class ExportOptions:
     format: str = "onnx"  # onnx or torch.export
     opset: int = DEFAULT_OPSET  # ONNX opset (onnx format only)
     int8: bool = False  # onnxruntime dynamic int8 weights (onnx format only)
+    int8_encoders: Tuple[str, ...] = ENCODERS  # which encoders int8 quantises; the others stay fp32
     int8_min_cosine: float = INT8_MIN_COSINE  # keep int8 only if every check feature keeps this cosine to fp32
     overwrite: bool = False  # replace an existing export at OUT
 
@@ -85,6 +90,10 @@ class ExportOptions:
         if self.int8 and self.format != "onnx":
             raise ValueError("int8 applies to the onnx format (onnxruntime's dynamic quantisation); "
                              "for torch.export use clipforge.inference.quantize_int8 on the model instead")
+        self.int8_encoders = tuple(self.int8_encoders)
+        unknown = [e for e in self.int8_encoders if e not in ENCODERS]
+        if unknown or not self.int8_encoders or len(set(self.int8_encoders)) != len(self.int8_encoders):
+            raise ValueError(f"int8_encoders must name image and/or text once each, got {list(self.int8_encoders)}")
         if not 0.0 < self.int8_min_cosine <= 1.0:
             raise ValueError(f"int8_min_cosine must be in (0, 1], got {self.int8_min_cosine}")
 
@@ -121,7 +130,8 @@ class ExportConfig:
     model: Optional[str] = None
     pretrained: Optional[str] = None
     opset: Optional[int] = None
-    weights: str = "fp32"  # fp32 or int8
+    weights: str = "fp32"  # fp32, int8 (both encoders) or mixed (see encoder_weights)
+    encoder_weights: Dict[str, str] = field(default_factory=dict)  # {"image": "int8", "text": "fp32"}
     check: Dict[str, Any] = field(default_factory=dict)  # check-batch measurements at export time
     notes: List[str] = field(default_factory=list)
     kind: str = KIND
@@ -415,7 +425,8 @@ def export_model(model: nn.Module, out: PathLike, tokenizer: Any, preprocess: Pr
         text_ref = model.encode_text(text_check).numpy()  # clipforge's own (trimming) path
     suffix = SUFFIX[options.format]
     image_name, text_name = f"image_encoder{suffix}", f"text_encoder{suffix}"
-    steps = 2 + (2 if options.int8 else 0)
+    quantized_encoders = options.int8_encoders if options.int8 else ()
+    steps = 2 + len(quantized_encoders)
     check: Dict[str, Any] = {"images": f"{CHECK_IMAGES} seeded uniform-noise images", "prompts": len(CHECK_PROMPTS)}
     with atomic_directory(out, replaceable=is_export_folder) as tmp, \
             tqdm(total=steps, desc="export", unit="step", disable=not progress) as bar:
@@ -438,7 +449,7 @@ def export_model(model: nn.Module, out: PathLike, tokenizer: Any, preprocess: Pr
                 got = _run_onnx(path, tower, check_in)
             check[f"{tower}_max_abs_diff"] = float(np.abs(got - ref).max())
             bar.update()
-            if options.int8:
+            if tower in quantized_encoders:
                 if big:
                     raise ValueError(f"int8 of an encoder over {ONNX_SINGLE_FILE_LIMIT >> 20} MB (ONNX external "
                                      f"data) is not supported; export it without int8")
@@ -451,7 +462,8 @@ def export_model(model: nn.Module, out: PathLike, tokenizer: Any, preprocess: Pr
                     raise Int8AccuracyError(
                         f"int8 {tower} encoder refused: its check-batch features have cosine {cos.min():.6f} "
                         f"(mean {cos.mean():.6f}) to fp32, below int8_min_cosine={options.int8_min_cosine}; "
-                        f"nothing was written. Export without int8, or lower int8_min_cosine")
+                        f"nothing was written. Export without int8, quantise only the other encoder "
+                        f"(int8_encoders), or lower int8_min_cosine")
                 _remove_onnx(path)
                 os.replace(quantized, path)
                 bar.update()
@@ -465,7 +477,10 @@ def export_model(model: nn.Module, out: PathLike, tokenizer: Any, preprocess: Pr
             sot_id=sot_id, tokenizer=spec, logit_scale=float(model.logit_scale.exp().reshape(-1)[0]),
             logit_bias=None if logit_bias is None else float(logit_bias.reshape(-1)[0]),
             model=model_name, pretrained=pretrained, opset=options.opset if options.format == "onnx" else None,
-            weights="int8" if options.int8 else "fp32", check=check, notes=notes)
+            weights=("int8" if len(quantized_encoders) == len(ENCODERS) else "mixed" if quantized_encoders
+                     else "fp32"),
+            encoder_weights={e: "int8" if e in quantized_encoders else "fp32" for e in ENCODERS},
+            check=check, notes=notes)
         write_text(tmp / CONFIG_NAME, config.to_json())
         files = sorted(p.relative_to(tmp) for p in tmp.rglob("*") if p.is_file())
     return ExportResult(Path(out), config, [Path(out) / f for f in files])
@@ -575,7 +590,7 @@ def _normalized(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-__all__ = ["FORMATS", "CONFIG_NAME", "DEFAULT_OPSET", "INT8_MIN_COSINE", "ExportOptions", "ExportConfig",
+__all__ = ["FORMATS", "ENCODERS", "CONFIG_NAME", "DEFAULT_OPSET", "INT8_MIN_COSINE", "ExportOptions", "ExportConfig",
            "ExportResult", "Int8AccuracyError", "ImageEncoder", "TextEncoder", "OnnxCLIP", "export", "export_model",
            "read_export_config", "is_export_folder", "check_destination", "text_trim_rule", "trim_tokens",
            "pooled_positions", "check_images", "cosine_rows", "quantize_onnx"]
