@@ -60,8 +60,9 @@ def write_model_dir(work: Path, model_cfg: dict, dirname: str = "model") -> Path
                            "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic",
                            "resize_mode": "shortest"}}))
     torch.manual_seed(0)
+    logit_init = {k: model_cfg[k] for k in ("init_logit_scale", "init_logit_bias") if k in model_cfg}
     ref = open_clip.CLIP(model_cfg["embed_dim"], open_clip.model.CLIPVisionCfg(**model_cfg["vision_cfg"]),
-                         open_clip.model.CLIPTextCfg(**model_cfg["text_cfg"]))
+                         open_clip.model.CLIPTextCfg(**model_cfg["text_cfg"]), **logit_init)
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(model_dir / "open_clip_model.safetensors"))
     return model_dir
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import subprocess
 import sys
@@ -52,6 +53,15 @@ RECIPES: Dict[str, tuple] = {
     "cf-pd50": ("clipforge", 128, CF_BASE + ["model.patch_dropout=0.5"], 0.1),
     "cf-pd50-lr2e-3": ("clipforge", 128, CF_BASE + ["model.patch_dropout=0.5", "optim.lr=2e-3"], 0.1),
     "cf-pd50-b64": ("clipforge", 64, CF_BASE + ["model.patch_dropout=0.5"], 0.1),
+    "cf-pd50-b64-siglip": ("clipforge", 64, CF_BASE + ["model.patch_dropout=0.5"], 0.1),
+    "cf-pd50-b64-aug": ("clipforge", 64, CF_BASE + ["model.patch_dropout=0.5", "aug.scale=[0.5,1.0]",
+                                                    "aug.color_jitter=[0.4,0.4,0.4,0.1]", "aug.color_jitter_prob=0.8",
+                                                    "aug.gray_scale_prob=0.2"], 0.1),
+}
+# recipes whose model differs from the common one (same seeded towers, other config keys)
+MODEL_CHANGES: Dict[str, dict] = {
+    # OpenCLIP's SigLIP initialisation; loss.kind=auto then trains with the sigmoid loss
+    "cf-pd50-b64-siglip": {"init_logit_scale": math.log(10), "init_logit_bias": -10.0},
 }
 DESCRIPTION = {
     "oc-default": "open_clip_train defaults: batch 64, lr 5e-4, wd 0.2, warmup 10000, scale 0.9-1",
@@ -61,6 +71,8 @@ DESCRIPTION = {
     "cf-pd50": "cf-base + patch dropout 0.5",
     "cf-pd50-lr2e-3": "cf-base + patch dropout 0.5, lr 2e-3",
     "cf-pd50-b64": "cf-base + patch dropout 0.5, batch 64",
+    "cf-pd50-b64-siglip": "cf-pd50-b64 with the sigmoid (SigLIP) loss, logit scale 10, bias -10",
+    "cf-pd50-b64-aug": "cf-pd50-b64 + crop scale 0.5-1, colour jitter 0.4/0.4/0.4/0.1 (p 0.8), grey scale p 0.2",
 }
 RECALLS = [f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)]
 
@@ -164,13 +176,19 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model_dir = write_model_dir(work, small_vit(32), dirname="ViT-small")
-        model = f"local-dir:{model_dir}"
         rows = shuffled_rows(work)
         rates: Dict[tuple, float] = {}
         for recipe in recipes:
             trainer, batch, recipe_args, warmup_fraction = RECIPES[recipe]
-            speed_key = (trainer, batch, tuple(a for a in recipe_args if "patch_dropout" in a))
-            if speed_key not in rates:  # the learning rate does not change the speed; the rest may
+            recipe_dir = model_dir
+            if recipe in MODEL_CHANGES:
+                recipe_dir = write_model_dir(work, {**small_vit(32), **MODEL_CHANGES[recipe]},
+                                             dirname=f"ViT-small-{recipe}")
+            model = f"local-dir:{recipe_dir}"
+            # the learning rate does not change the speed; patch dropout, augmentation and the loss may
+            speed_key = (trainer, batch, recipe in MODEL_CHANGES,
+                         tuple(a for a in recipe_args if a.startswith(("model.patch_dropout", "aug."))))
+            if speed_key not in rates:
                 n = args.calibration_steps * batch
                 calib = write_rows(work, rows[:n], f"calib_{recipe}")
                 run = train(recipe, model, calib, n, work, 5, warmup=1)
@@ -183,7 +201,7 @@ def main(argv=None) -> dict:
             data = write_rows(work, rows[:n_rows], recipe)
             t0 = time.time()
             run = train(recipe, model, data, n_rows, work, args.log_every, warmup)
-            metrics = evaluate(final_weights(recipe, run, model_dir), work, recipe)
+            metrics = evaluate(final_weights(recipe, run, recipe_dir), work, recipe)
             result = {"description": DESCRIPTION[recipe], "trainer": trainer, "batch": batch,
                       "calibrated_samples_per_s": rate, "rows": n_rows, "steps": steps, "warmup": warmup or None,
                       "train_wall_s": run["wall_s"], "samples_per_s": run["samples_per_s"],
