@@ -5,8 +5,8 @@ torch.compile and library, on the bench model of ``bench_trainer.py`` (64 px ViT
 
 Each variant runs in its own process (3 warm-up steps, then the median of ``--steps``): ``cf`` is
 clipforge's forward/backward (``train.step.forward_backward``) + foreach AdamW in fp32; ``-fused`` /
-``-forloop`` the other AdamW kernels; ``-bf16`` bf16 autocast (clipforge's training step: math attention kernel on CPU), ``-bf16-flash``
-the same with the flash attention kernel (plain autocast, as before); ``-compile`` torch.compile; ``oc`` is
+``-forloop`` the other AdamW kernels; ``-bf16`` bf16 autocast (clipforge's training step: attention as bf16 GEMMs on CPU), ``-bf16-flash`` /
+``-bf16-math`` the same with torch's flash / math attention kernel (the steps of earlier sessions); ``-compile`` torch.compile; ``oc`` is
 OpenCLIP's model and ClipLoss with torch's default AdamW. Also records the achieved fp32 matmul
 peak and the step's FLOPs, so the GEMM efficiency is visible, and the CPU's bf16 flags.
 Writes ``results/step_ctx<context>.{json,md}``.
@@ -68,14 +68,19 @@ def one(variant: str, batch: int, context: int, steps: int) -> dict:
         model = build_model(CLIPConfig.from_dict(copy.deepcopy(cfg)))
         forward = torch.compile(model) if "compile" in variant else model
 
+        if "flash" in variant or "math" in variant:  # torch's attention kernel instead of clipforge's bf16 GEMMs
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            from clipforge.models import layers
+            backend = SDPBackend.FLASH_ATTENTION if "flash" in variant else SDPBackend.MATH
+
+            def sdpa(q, k, v, attn_mask=None, is_causal=False):
+                with sdpa_kernel(backend):
+                    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                                                            is_causal=is_causal)
+            layers.attention = sdpa
+
         def forward_and_backward():
-            if "flash" in variant:  # the step as it was before train_autocast: plain autocast, flash attention
-                from clipforge.precision import autocast
-                with autocast(precision, "cpu"):
-                    out = forward(images, texts)
-                    loss = ClipLoss()(out["image_features"], out["text_features"], out["logit_scale"])
-                loss.backward()
-                return
             forward_backward(forward, ClipLoss(), [(images, texts)], precision, torch.device("cpu"))
         kernel = {"fused": True} if "fused" in variant else {"foreach": "forloop" not in variant}
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **kernel)
@@ -103,7 +108,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--context", type=int, default=32)
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--variants", default="cf,cf-fused,cf-forloop,cf-compile,oc,cf-bf16,cf-bf16-flash,oc-bf16")
+    p.add_argument("--variants", default="cf,cf-fused,cf-forloop,cf-compile,oc,cf-bf16,cf-bf16-math,cf-bf16-flash,oc-bf16")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)

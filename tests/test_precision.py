@@ -25,7 +25,7 @@ def test_amp_means_torch_autocast_default_dtype():
 
 def test_one_table_and_one_helper_everywhere():
     assert factory.PRECISIONS is precision.PRECISIONS
-    assert step.train_autocast is precision.train_autocast and features.autocast is precision.autocast
+    assert step.autocast is precision.autocast and features.autocast is precision.autocast
 
 
 def test_image_features_run_in_the_given_precision():

@@ -10,6 +10,7 @@ import torch
 from clipforge.config import CLIPConfig
 from clipforge.loss import ClipLoss
 from clipforge.models import build_model
+from clipforge.precision import autocast
 from clipforge.train.config import OptimSettings, TrainConfig
 from clipforge.train.loop import train
 from clipforge.train.optim import build_optimizer, optimizer_kernel
@@ -103,28 +104,61 @@ def test_bf16_first_step_loss_and_gradients_match_fp32():
         assert cos > 0.99 and rel < 0.15, f"{name}: cosine {cos:.4f}, relative error {rel:.3f}"
 
 
-def _attention_kernels(context) -> set:
-    """The scaled-dot-product-attention kernels a forward+backward of the tiny model runs under ``context``."""
+def _attention_kernels(precision: str, grad: bool) -> set:
+    """The scaled-dot-product-attention kernels a forward (and backward, with ``grad``) of the tiny model runs."""
     model, _ = _tiny_pair()
     images, texts = _batch()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        with context:
+        with torch.set_grad_enabled(grad), autocast(precision, "cpu"):
             out = model(images, texts)
             loss = ClipLoss()(out["image_features"], out["text_features"], out["logit_scale"])
-        loss.backward()
-    return {e.key for e in prof.key_averages() if "attention" in e.key and e.key.startswith("aten::_scaled")}
+        if grad:
+            loss.backward()
+    return {e.key for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product")}
 
 
-def test_cpu_bf16_training_uses_the_math_attention_kernel():
-    """In a bf16 training step on CPU attention runs as plain GEMMs (the flash CPU kernel's bf16
-    backward was 47% of the step on an AMX Xeon); fp32 keeps the flash kernel, and plain autocast
-    (inference) picks flash, so the test sees the difference it claims."""
-    from clipforge.precision import autocast, train_autocast
-    cpu = torch.device("cpu")
+def test_cpu_bf16_training_runs_attention_as_gemms():
+    """In a bf16 training step on CPU attention runs as plain bf16 GEMMs, no torch attention kernel
+    (the flash CPU kernel's bf16 backward was 47% of the step on an AMX Xeon; the math kernel upcasts
+    to fp32); fp32 training and bf16 inference keep the flash kernel, so the test sees the difference."""
     flash = "aten::_scaled_dot_product_flash_attention_for_cpu"
-    assert flash in _attention_kernels(autocast("bf16", cpu))
-    assert flash in _attention_kernels(train_autocast("fp32", cpu))
-    assert not any("flash" in k for k in _attention_kernels(train_autocast("bf16", cpu)))
+    assert flash in _attention_kernels("bf16", grad=False)
+    assert flash in _attention_kernels("fp32", grad=True)
+    assert _attention_kernels("bf16", grad=True) == set()
+
+
+@pytest.mark.parametrize("case", ["plain", "causal", "causal-rect", "bool", "float", "hidden-row"])
+def test_gemm_attention_is_sdpa(case):
+    """The hand-written attention of bf16 CPU training computes what scaled_dot_product_attention
+    defines, forward and gradients, in float64 (so only the formula is compared): scale, causal
+    alignment (top-left, also for fewer queries than keys), bool and additive masks, and a row the
+    mask hides entirely (zeros, as SDPA's math kernel gives)."""
+    from clipforge.models.layers import _gemm_attention
+    gen = torch.Generator().manual_seed(0)
+    lq = 3 if case == "causal-rect" else 7
+    q = torch.randn(2, 3, lq, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 3, 7, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    mask = None
+    if case in ("bool", "hidden-row"):
+        mask = torch.rand(2, 1, lq, 7, generator=gen) > 0.4
+        mask[..., 0] = True
+        if case == "hidden-row":
+            mask[1, 0, 2] = False
+    elif case == "float":
+        mask = torch.randn(2, 1, lq, 7, generator=gen, dtype=torch.float64)
+        mask[0, 0, 1, 3] = float("-inf")
+    causal = case.startswith("causal")
+    grad_out = torch.randn(2, 3, lq, 8, generator=gen, dtype=torch.float64)
+    results = []
+    for fn in (_gemm_attention, lambda *a: torch.nn.functional.scaled_dot_product_attention(
+            a[0], a[1], a[2], attn_mask=a[3], is_causal=a[4])):
+        out = fn(q, k, v, mask, causal)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        results.append((out, *grads))
+    for ours, reference in zip(*results):
+        torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+    if case == "hidden-row":
+        assert results[0][0][1, :, 2].abs().max() == 0
 
 
 def test_train_logs_the_chosen_precision(tmp_path, capsys):

@@ -13,11 +13,10 @@ from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import VisionConfig, as_tuple2
-from .layers import feature_take_indices, lock_groups
+from .layers import attention, feature_take_indices, lock_groups
 
 
 class Bottleneck(nn.Module):
@@ -76,7 +75,7 @@ class AttentionPool2d(nn.Module):
         q = self.q_proj(x[:, :1]).view(batch, 1, heads, head_dim).transpose(1, 2)  # [B, H, 1, Dh]
         k = self.k_proj(x).view(batch, -1, heads, head_dim).transpose(1, 2)  # [B, H, 1+HW, Dh]
         v = self.v_proj(x).view(batch, -1, heads, head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, H, 1, Dh]
+        out = attention(q, k, v)  # [B, H, 1, Dh]
         return self.c_proj(out.reshape(batch, dim))
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..loss import CoCaLoss
-from ..precision import train_autocast
+from ..precision import autocast
 from .distributed import no_grad_sync
 from .teacher import Teacher
 
@@ -65,7 +65,7 @@ def forward_backward(
         loss_fn = teacher.objective(loss_fn, moved)
     if len(moved) == 1:
         images, texts = moved[0]
-        with train_autocast(precision, device):
+        with autocast(precision, device):
             out = model(images, texts)
             if _captioning(out):
                 coca = captioning_loss_fn(loss_fn)
@@ -78,7 +78,7 @@ def forward_backward(
 
     cached_images: List[Tensor] = []
     cached_texts: List[Tensor] = []
-    with torch.no_grad(), train_autocast(precision, device):
+    with torch.no_grad(), autocast(precision, device):
         for images, texts in moved:
             out = model(images, texts)
             cached_images.append(out["image_features"])
@@ -88,7 +88,7 @@ def forward_backward(
     for j, (images, texts) in enumerate(moved):
         # Gradients sync across ranks only on the last micro-batch, which is also the one that
         # carries the logit scale's gradient (so DDP sees every parameter used when it reduces).
-        with no_grad_sync(model, skip=j < last), train_autocast(precision, device):
+        with no_grad_sync(model, skip=j < last), autocast(precision, device):
             out = model(images, texts)
             all_images = torch.cat(cached_images[:j] + [out["image_features"]] + cached_images[j + 1:])
             all_texts = torch.cat(cached_texts[:j] + [out["text_features"]] + cached_texts[j + 1:])
