@@ -120,7 +120,8 @@ def main(argv=None) -> dict:
     flickr = (SHARED / "data" / "flickr8k" / "train" / "captions.tsv").exists()
     out = {"machine": machine(), "batch": args.batch, "context": args.context, "steps": args.steps,
            "captions": f"the first {args.batch} Flickr8k train captions" if flickr else "one caption repeated",
-           "matmul_peak_fp32_gflops": matmul_peak(torch.float32) / 1e9, "runs": []}
+           "matmul_peak_fp32_gflops": matmul_peak(torch.float32) / 1e9,
+           "matmul_peak_bf16_gflops": matmul_peak(torch.bfloat16) / 1e9, "runs": []}
     for variant in args.variants.split(","):
         proc = subprocess.run([sys.executable, __file__, "--one", variant, "--batch", str(args.batch),
                                "--context", str(args.context), "--steps", str(args.steps)],
@@ -137,7 +138,8 @@ def main(argv=None) -> dict:
     lines = [f"# One training step in-process, batch {args.batch}, context {args.context}", "",
              f"Machine: {m.get('cpu')}, ISA {m.get('isa')}, torch CPU capability {m.get('torch_cpu_capability')}, "
              f"precision auto picks {m.get('auto_precision_cpu')}; fp32 matmul peak "
-             f"{out['matmul_peak_fp32_gflops']:.1f} GFLOP/s. Text: {out['captions']}; random images.", "",
+             f"{out['matmul_peak_fp32_gflops']:.1f} GFLOP/s, bf16 {out['matmul_peak_bf16_gflops']:.1f} GFLOP/s. "
+             f"Text: {out['captions']}; random images.", "",
              "| variant | precision | s/step | samples/s | vs cf | GFLOP/step | achieved GFLOP/s |", "|---|---|---|---|---|---|---|"]
     for r in out["runs"]:
         lines.append(f"| {r['variant']} | {r['precision']} | {r['median_s']:.2f} | {r['samples_per_s']:.1f} | "

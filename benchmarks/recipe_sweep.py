@@ -5,8 +5,9 @@ on Flickr8k (train -> dev), the same model, initial weights, data order and mach
 
 Protocol. Every run trains the issue's small model (64 px ViT 256x6 / text 256x6, context 32) from the
 same seeded OpenCLIP hub-layout directory, in fp32 (what ``precision: auto`` picks on a CPU without
-bf16 instructions; OpenCLIP's default ``amp`` is fp16 autocast, which no CPU user would pick), with one
-data-loader worker for both trainers. A recipe's samples/s is first measured in a calibration run
+bf16 instructions; OpenCLIP's default ``amp`` is fp16 autocast, which no CPU user would pick) or, with
+``--precision bf16`` (what ``auto`` picks on a CPU with bf16 instructions), OpenCLIP's ``amp_bf16`` and
+clipforge's bf16 autocast, with one data-loader worker for both trainers. A recipe's samples/s is first measured in a calibration run
 (``--calibration-steps``, logged every 5 steps; the windows of the first 10 steps are dropped, as a
 first sweep found them ~30% faster than the rest of a run, which put clipforge's runs over budget); it then trains for one pass over the first ``budget x samples/s`` rows
 of the Flickr8k train captions in one fixed shuffled order (whole batches; the learning-rate schedule
@@ -92,13 +93,14 @@ def write_rows(work: Path, rows: List[str], name: str) -> Path:
     return tsv
 
 
-def train(recipe: str, model: str, data: Path, rows: int, work: Path, log_every: int, warmup: int) -> dict:
+def train(recipe: str, model: str, data: Path, rows: int, work: Path, log_every: int, warmup: int,
+          precision: str) -> dict:
     trainer, batch, args, _ = RECIPES[recipe]
     if trainer == "open_clip":
         extra = args + (["--warmup", str(warmup)] if warmup else []) + ["--save-frequency", "1"]
-        return run_open_clip(model, data, rows, work, batch, "fp32", 1, log_every, "cpu", extra, tag="_" + recipe)
+        return run_open_clip(model, data, rows, work, batch, precision, 1, log_every, "cpu", extra, tag="_" + recipe)
     extra = args + ([f"optim.warmup_steps={warmup}"] if warmup else [])
-    return run_clipforge(model, data, rows, work, batch, "fp32", 1, log_every, "cpu", extra, tag="_" + recipe)
+    return run_clipforge(model, data, rows, work, batch, precision, 1, log_every, "cpu", extra, tag="_" + recipe)
 
 
 def final_weights(recipe: str, run: dict, model_dir: Path) -> List[str]:
@@ -157,6 +159,8 @@ def main(argv=None) -> dict:
     p.add_argument("--recipes", default="oc-default,oc-warmup,cf-base,cf-pd50,cf-pd50-lr2e-3")
     p.add_argument("--calibration-steps", type=int, default=30)
     p.add_argument("--log-every", type=int, default=5)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="both trainers' precision (bf16: OpenCLIP's amp_bf16 and clipforge's bf16 autocast)")
     p.add_argument("--out", default="recipe_sweep")
     p.add_argument("--append", action="store_true",
                    help="keep the recipes already in results/<out>.json (same sitting) and add these")
@@ -166,12 +170,14 @@ def main(argv=None) -> dict:
     if unknown:
         raise SystemExit(f"unknown recipes {unknown}; known: {list(RECIPES)}")
     out = {"machine": machine(), "load_start": loadavg(), "budget_s": args.budget, "context": 32,
+           "precision": args.precision,
            "model": small_vit(32), "recipes": {}}
     previous = RESULTS / f"{args.out}.json"
     if args.append and previous.exists():
         kept = json.loads(previous.read_text())
-        if kept["budget_s"] != args.budget:
-            raise SystemExit(f"--append: {previous} has budget {kept['budget_s']} s, not {args.budget} s")
+        if kept["budget_s"] != args.budget or kept.get("precision", "fp32") != args.precision:
+            raise SystemExit(f"--append: {previous} has budget {kept['budget_s']} s and precision "
+                             f"{kept.get('precision', 'fp32')}, not {args.budget} s and {args.precision}")
         out["recipes"], out["load_start"] = kept["recipes"], kept["load_start"]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -191,7 +197,7 @@ def main(argv=None) -> dict:
             if speed_key not in rates:
                 n = args.calibration_steps * batch
                 calib = write_rows(work, rows[:n], f"calib_{recipe}")
-                run = train(recipe, model, calib, n, work, 5, warmup=1)
+                run = train(recipe, model, calib, n, work, 5, 1, args.precision)
                 steady = run["window_rates"][2:] or run["window_rates"][-1:]  # after step 10
                 rates[speed_key] = sum(steady) / len(steady)
             rate = rates[speed_key]
@@ -200,7 +206,7 @@ def main(argv=None) -> dict:
             warmup = max(1, round(warmup_fraction * steps)) if warmup_fraction else 0
             data = write_rows(work, rows[:n_rows], recipe)
             t0 = time.time()
-            run = train(recipe, model, data, n_rows, work, args.log_every, warmup)
+            run = train(recipe, model, data, n_rows, work, args.log_every, warmup, args.precision)
             metrics = evaluate(final_weights(recipe, run, recipe_dir), work, recipe)
             result = {"description": DESCRIPTION[recipe], "trainer": trainer, "batch": batch,
                       "calibrated_samples_per_s": rate, "rows": n_rows, "steps": steps, "warmup": warmup or None,
@@ -227,7 +233,8 @@ def write_results(out: dict, args) -> None:
     lines = ["# Small-data recipes at equal wall-clock: Flickr8k train -> dev", "",
              f"Machine: {m.get('cpu')}, {m.get('cores')} cores, torch CPU capability {m.get('torch_cpu_capability')}; "
              f"load average start/end {out['load_start']} / {out['load_end']}. Budget {args.budget:.0f} s of "
-             "training per recipe (the wall column is process start to saved model), fp32, 1 data worker, model "
+             f"training per recipe (the wall column is process start to saved model), {out.get('precision', 'fp32')}, "
+             "1 data worker, model "
              "64 px ViT 256x6 / text 256x6, context 32, same initial weights and data order. Recall in % on "
              "Flickr8k dev (1000 photos, 5000 captions).", "",
              "| recipe | steps x batch | train wall s | t2i R@1/5/10 | i2t R@1/5/10 | mean recall | " + " | ".join(heads) + " |",
