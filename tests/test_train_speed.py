@@ -163,8 +163,10 @@ def test_gemm_attention_is_sdpa(case):
 
 def test_train_logs_the_chosen_precision(tmp_path, capsys):
     tsv = write_caption_tsv(tmp_path / "data", n_images=16)
-    cfg = TrainConfig.from_dict(tiny_config(tmp_path, tsv, max_steps=2))
-    assert cfg.precision == "auto"
+    default = tiny_config(tmp_path, tsv, max_steps=2)
+    del default["precision"]
+    assert TrainConfig.from_dict(default).precision == "auto"  # the trainer's default
+    cfg = TrainConfig.from_dict(tiny_config(tmp_path, tsv, max_steps=2, precision="auto"))
     summary = train(cfg)
     from clipforge.precision import resolve_precision
     chosen, why = resolve_precision("auto", "cpu")

@@ -55,7 +55,10 @@ def write_caption_tsv(root: Path, n_images: int = 32, captions_per_image: int = 
 
 
 def tiny_config(tmp_path: Path, train_tsv: Path, **top) -> Dict:
-    """A config dict for a seconds-long CPU run on ``train_tsv``; ``top`` overrides top-level keys."""
+    """A config dict for a seconds-long CPU run on ``train_tsv``; ``top`` overrides top-level keys.
+
+    fp32, not the trainer's ``auto``: these runs check exact equalities (resume, ranks, teachers), and
+    ``auto`` picks bf16 on CPUs with bf16 instructions (tests/test_train_speed.py covers ``auto``)."""
     cfg = {
         "model": {"name": None, "config": copy.deepcopy(TINY_MODEL)},
         "data": {"kind": "csv", "train_data": str(train_tsv), "min_seen": 1000},
@@ -67,6 +70,7 @@ def tiny_config(tmp_path: Path, train_tsv: Path, **top) -> Dict:
         "name": "run",
         "log_every_n_steps": 1,
         "progress": False,
+        "precision": "fp32",
     }
     for key, value in top.items():
         if isinstance(value, dict) and isinstance(cfg.get(key), dict):
