@@ -184,7 +184,7 @@ def _gemm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through ``scaled_dot_product_attention``.
+    """Multi-head self-attention through :func:`attention` (``scaled_dot_product_attention``).
 
     Weights are stored fused as ``in_proj_weight`` [3D, D] and ``out_proj`` exactly like
     ``nn.MultiheadAttention``, which OpenAI/OpenCLIP checkpoints use. With a ``cache`` the input is
