@@ -17,6 +17,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+RECALLS = [f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)]
+
+
+def mean_recall(metrics: Dict[str, float]) -> float:
+    """The mean of retrieval R@1/5/10 in both directions, the one-number score of the Flickr8k runs."""
+    return sum(metrics[k] for k in RECALLS) / len(RECALLS)
 
 # A few ImageNet classes/templates, used only when ../shared is absent.
 FALLBACK_CLASSES = ["tench", "goldfish", "great white shark", "tiger shark", "hammerhead shark",

@@ -18,12 +18,11 @@ from typing import Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine  # noqa: E402
+from bench_trainer import RESULTS  # noqa: E402
+from common import machine, mean_recall  # noqa: E402
 
 from clipforge.atomic import atomic_write, write_text  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
-RECALLS = [f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)]
 
 
 def read_run(run_dir: Path) -> dict:
@@ -37,7 +36,7 @@ def read_run(run_dir: Path) -> dict:
     if not val:
         raise SystemExit(f"{metrics} has no validation rows: the run needs a val section")
     for r in val:
-        r["mean_recall"] = sum(r[k] for k in RECALLS) / len(RECALLS)
+        r["mean_recall"] = mean_recall(r)
     return {"name": run_dir.name, "summary": json.loads(summary.read_text()),
             "train": [r for r in rows if r["kind"] == "train"], "val": val}
 

@@ -39,7 +39,7 @@ from typing import Dict, List
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_trainer import RESULTS, run_clipforge, run_open_clip, small_vit, write_model_dir  # noqa: E402
-from common import SHARED, loadavg, machine  # noqa: E402
+from common import SHARED, loadavg, machine, mean_recall  # noqa: E402
 
 from clipforge.atomic import atomic_write, write_text  # noqa: E402
 
@@ -76,7 +76,6 @@ DESCRIPTION = {
     "cf-pd50-b64-siglip": "cf-pd50-b64 with the sigmoid (SigLIP) loss, logit scale 10, bias -10",
     "cf-pd50-b64-aug": "cf-pd50-b64 + crop scale 0.5-1, colour jitter 0.4/0.4/0.4/0.1 (p 0.8), grey scale p 0.2",
 }
-RECALLS = [f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)]
 
 
 def shuffled_rows(passes: int = 3) -> List[str]:
@@ -137,7 +136,7 @@ def evaluate(weights: List[str], work: Path, name: str) -> Dict[str, float]:
     if proc.returncode != 0:
         raise RuntimeError(f"clipforge eval failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
     metrics = json.loads(out.read_text())["metrics"]
-    metrics["mean_recall"] = sum(metrics[k] for k in RECALLS) / len(RECALLS)
+    metrics["mean_recall"] = mean_recall(metrics)
     return metrics
 
 
